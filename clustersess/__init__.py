@@ -1,0 +1,31 @@
+"""clustersess: Tomcat-style session clustering for Python web apps."""
+
+from __future__ import annotations
+
+from .asgi import ClusterSessionMiddleware
+from .clock import Clock, FakeClock, SystemClock
+from .config import Config
+from .errors import ClusterSessError, ConfigError, DuplicateNodeError, SessionTooLarge, SessionValueError
+from .listeners import SessionEvent, SessionListener
+from .manager import SessionManager
+from .session import Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClusterSessError",
+    "ClusterSessionMiddleware",
+    "Clock",
+    "Config",
+    "ConfigError",
+    "DuplicateNodeError",
+    "FakeClock",
+    "Session",
+    "SessionEvent",
+    "SessionListener",
+    "SessionManager",
+    "SessionTooLarge",
+    "SessionValueError",
+    "SystemClock",
+    "__version__",
+]

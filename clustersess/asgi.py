@@ -1,0 +1,213 @@
+"""Pure ASGI middleware: a drop-in replacement for Starlette's ``SessionMiddleware``.
+
+It sets ``scope["session"]`` (so ``request.session`` works unchanged), starts and stops
+the node's background work with the ASGI lifespan, and writes the cookie in a
+``send`` wrapper when the response starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .clock import Clock
+from .config import Config
+from .cookies import CookieWriter, find_cookie
+from .errors import ConfigError
+from .listeners import SessionListener
+from .manager import DELETE_COOKIE, Handle, SessionManager
+
+log = logging.getLogger("clustersess")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+class ClusterSessionMiddleware:
+    """Tomcat-style clustered sessions for any ASGI app.
+
+    Accepts Starlette's ``SessionMiddleware`` keywords (``secret_key``,
+    ``session_cookie``, ``max_age``, ``path``, ``same_site``, ``https_only``, ``domain``,
+    ``partitioned``) and every :class:`Config` field (``node_name``, ``max_inactive``,
+    ``redis_url``, ...). Anything not given comes from ``CLUSTERSESS_*`` variables.
+    Alternatively pass a ready ``config`` or ``manager``.
+
+    A configuration error (a missing secret, say) is raised here when possible; under a
+    server it also fails the ASGI lifespan startup, so the server exits instead of
+    serving requests it cannot handle.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        secret_key: Any = None,
+        session_cookie: str | None = None,
+        max_age: int | None = None,
+        path: str | None = None,
+        same_site: str | None = None,
+        https_only: bool | None = None,
+        domain: str | None = None,
+        partitioned: bool | None = None,
+        *,
+        config: Config | None = None,
+        manager: SessionManager | None = None,
+        clock: Clock | None = None,
+        transport: Any = None,
+        listeners: list[SessionListener] | None = None,
+        **options: Any,
+    ) -> None:
+        self.app = app
+        self.config_error: ConfigError | None = None
+        if manager is None:
+            if config is None:
+                if secret_key is not None and not isinstance(secret_key, (list, tuple)):
+                    secret_key = str(secret_key)  # starlette.datastructures.Secret
+                try:
+                    config = Config.from_env(
+                        secret_key=secret_key,
+                        session_cookie=session_cookie,
+                        max_age=max_age,
+                        path=path,
+                        same_site=same_site,
+                        https_only=https_only,
+                        domain=domain,
+                        partitioned=partitioned,
+                        **options,
+                    )
+                except ConfigError as exc:
+                    # Starlette builds its middleware stack inside the first ASGI call
+                    # (often the lifespan), where uvicorn's default "auto" lifespan mode
+                    # would swallow this exception and keep serving. Remember it and
+                    # fail the lifespan startup explicitly instead.
+                    log.error("clustersess cannot start: %s", exc)
+                    self.config_error = exc
+                    self.manager: SessionManager | None = None
+                    self.cookies: CookieWriter | None = None
+                    return
+            manager = SessionManager(config, clock=clock, transport=transport, listeners=listeners)
+        self.manager = manager
+        self.cookies = CookieWriter(manager.config)
+        self._cookie_name = manager.config.session_cookie
+        self._start_lock: asyncio.Lock | None = None
+        self._started = False
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if kind not in ("http", "websocket"):  # pragma: no cover
+            await self.app(scope, receive, send)
+            return
+        if self.manager is None:
+            assert self.config_error is not None
+            raise self.config_error
+        if not self._started:
+            await self._ensure_started()
+        manager = self.manager
+        handle = await manager.open(self._read_cookie(scope))
+        session = handle.session
+        session.accessed = False
+        scope["session"] = session
+        if kind == "http":
+            await self._http(scope, receive, send, handle)
+        else:
+            await self._websocket(scope, receive, send, handle)
+
+    async def _http(self, scope: Scope, receive: Any, send: Any, handle: Handle) -> None:
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                await self._finish(handle, message)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.manager.abandon(handle)  # type: ignore[union-attr]  # no-op once closed
+
+    async def _websocket(self, scope: Scope, receive: Any, send: Any, handle: Handle) -> None:
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "websocket.accept" and not handle.closed:
+                await self._finish(handle, message)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if not handle.closed:
+                # Rejected or closed before accept: still commit what the app stored.
+                try:
+                    await self.manager.close(handle)  # type: ignore[union-attr]
+                except Exception:
+                    log.exception("clustersess: could not commit a websocket session")
+                    self.manager.abandon(handle)  # type: ignore[union-attr]
+
+    async def _finish(self, handle: Handle, message: Message) -> None:
+        assert self.manager is not None and self.cookies is not None
+        cookie = await self.manager.close(handle)
+        headers = message.setdefault("headers", [])
+        if not isinstance(headers, list):
+            headers = message["headers"] = list(headers)
+        if cookie is None:
+            if handle.session.accessed or handle.cookie_in is not None:
+                headers.append((b"vary", b"Cookie"))
+            return
+        value = self.cookies.delete() if cookie == DELETE_COOKIE else self.cookies.set(cookie)
+        headers.append((b"set-cookie", value.encode("latin-1")))
+        headers.append((b"vary", b"Cookie"))
+        _make_private(headers)
+
+    def _read_cookie(self, scope: Scope) -> str | None:
+        for name, value in scope["headers"]:
+            if name == b"cookie":
+                try:
+                    found = find_cookie(value.decode("latin-1"), self._cookie_name)
+                except Exception:  # pragma: no cover - defensive; decode cannot fail
+                    found = None
+                if found is not None:
+                    return found
+        return None
+
+    async def _ensure_started(self) -> None:
+        # Servers without lifespan support: start the background work on first use.
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if not self._started:
+                await self.manager.start()  # type: ignore[union-attr]
+                self._started = True
+
+    async def _lifespan(self, scope: Scope, receive: Any, send: Any) -> None:
+        async def receive_wrapper() -> Message:
+            message: Message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    if self.manager is None:
+                        assert self.config_error is not None
+                        raise self.config_error
+                    await self._ensure_started()
+                except Exception as exc:
+                    log.error("clustersess startup failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": f"clustersess: {exc}"})
+                    await asyncio.Future()  # the server shuts down and cancels us
+            elif message["type"] == "lifespan.shutdown" and self._started:
+                await self.manager.stop()  # type: ignore[union-attr]
+                self._started = False
+            return message
+
+        await self.app(scope, receive_wrapper, send)
+
+
+def _make_private(headers: list[tuple[bytes, bytes]]) -> None:
+    """A response that sets the session cookie must never be stored by a shared cache."""
+    for i, (name, value) in enumerate(headers):
+        if name.lower() == b"cache-control":
+            directives = [d.strip() for d in value.decode("latin-1").split(",") if d.strip()]
+            lowered = [d.lower() for d in directives]
+            if "private" in lowered or "no-store" in lowered:
+                return
+            kept = [d for d in directives if d.lower() != "public" and not d.lower().startswith("s-maxage")]
+            headers[i] = (name, ", ".join(["private", *kept]).encode("latin-1"))
+            return
+    headers.append((b"cache-control", b"private"))

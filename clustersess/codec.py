@@ -1,0 +1,61 @@
+"""JSON encoding of session data: the only format sessions are stored and sent in.
+
+Never pickle: session data crosses the network and a message from Redis is untrusted.
+The encoding is canonical for a given dict (insertion order, compact separators), so two
+encodings of unchanged data are byte-equal; that is how in-place mutation is detected.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import SessionTooLarge, SessionValueError
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=True)
+_decoder = json.JSONDecoder()
+
+
+def encode(data: dict[str, Any], *, limit: int | None = None) -> bytes:
+    """Encode session data.
+
+    Raises:
+        SessionValueError: a value is not JSON-serializable (names the key).
+        SessionTooLarge: the encoding is longer than ``limit`` bytes.
+    """
+    try:
+        raw = _encoder.encode(data).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise _culprit(data, exc) from None
+    if limit is not None and len(raw) > limit:
+        raise SessionTooLarge(len(raw), limit)
+    return raw
+
+
+def check_value(key: Any, value: Any) -> None:
+    """Raise :class:`SessionValueError` unless ``session[key] = value`` can be stored."""
+    if not isinstance(key, str):
+        raise SessionValueError(repr(key), f"keys must be str, not {type(key).__name__}")
+    try:
+        _encoder.encode(value)
+    except (TypeError, ValueError) as exc:
+        raise SessionValueError(key, str(exc)) from None
+
+
+def decode(raw: bytes | str) -> dict[str, Any]:
+    """Decode session data; raises ``ValueError`` unless it is a JSON object."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8")
+    data = _decoder.decode(raw)
+    if not isinstance(data, dict):
+        raise ValueError("session data must be a JSON object")
+    return data
+
+
+def _culprit(data: dict[str, Any], exc: Exception) -> SessionValueError:
+    for key, value in data.items():
+        try:
+            check_value(key, value)
+        except SessionValueError as err:
+            return err
+    return SessionValueError("?", str(exc))

@@ -1,0 +1,48 @@
+"""The exceptions clustersess raises.
+
+All of them derive from :class:`ClusterSessError`, so one ``except`` catches every
+library error. Each message says how to fix the problem, not just what it is.
+"""
+
+from __future__ import annotations
+
+
+class ClusterSessError(Exception):
+    """Base class of every clustersess error."""
+
+
+class ConfigError(ClusterSessError, ValueError):
+    """The configuration is invalid; raised at start-up, never at the first request."""
+
+
+class SessionValueError(ClusterSessError, TypeError):
+    """A session value cannot be stored because it is not JSON-serializable.
+
+    It is a ``TypeError`` so code written against ``json.dumps`` semantics keeps working.
+    ``key`` names the top-level session key that holds the bad value.
+    """
+
+    def __init__(self, key: str, detail: str) -> None:
+        self.key = key
+        super().__init__(
+            f"session[{key!r}] cannot be stored: {detail}. Session values must be "
+            "JSON-serializable (dict with str keys, list, str, int, float, bool, None); "
+            "convert it first, e.g. str(value) or value.isoformat()."
+        )
+
+
+class SessionTooLarge(ClusterSessError, ValueError):
+    """A session grew past ``max_session_size`` and was not stored."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"session is {size} bytes as JSON, over the limit of {limit} bytes; store large "
+            "data elsewhere (a database) and keep only its key in the session, or raise "
+            "max_session_size / CLUSTERSESS_MAX_SIZE."
+        )
+
+
+class DuplicateNodeError(ClusterSessError):
+    """Another live node already uses this node name in the same cluster."""

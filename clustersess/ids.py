@@ -1,0 +1,125 @@
+"""The one owner of the session-ID format.
+
+A session ID is ``<token>.<route>``: a random token and the name of the node that owns
+the session (Tomcat's jvmRoute). The cookie carries ``<token>~<signature>.<route>``: the
+itsdangerous signature sits *before* the single dot, so every load balancer that splits
+the cookie on ``.`` finds the route as the last field, and a forged token is rejected
+before any lookup. The route itself is only a routing hint and is not signed: a client
+that edits it merely asks another node to take the session over, which any node may do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from typing import NamedTuple
+
+import itsdangerous
+
+from .config import ROUTE_RE
+
+TOKEN_BYTES = 18  # 144 bits of entropy from the OS CSPRNG
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{24}")
+SIGN_SEP = "~"  # not in the base64url alphabet, not a '.', legal in a cookie value
+MAX_COOKIE_LENGTH = 4096
+_COOKIE_RE = re.compile(r"([A-Za-z0-9_-]{24})~([A-Za-z0-9_-]{20,90})\.([A-Za-z0-9_]{1,32})")
+_CACHE_SIZE = 4096
+
+
+class SessionId(NamedTuple):
+    token: str
+    route: str
+
+    def __str__(self) -> str:
+        return f"{self.token}.{self.route}"
+
+
+def new_token() -> str:
+    """A fresh random token (144 bits, URL-safe, never containing a dot)."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def make_id(token: str, route: str) -> str:
+    """``token.route``."""
+    assert TOKEN_RE.fullmatch(token), "tokens come from new_token()"
+    assert ROUTE_RE.fullmatch(route), "routes are validated by Config"
+    return f"{token}.{route}"
+
+
+def parse_id(session_id: str) -> SessionId | None:
+    """Split ``token.route``; ``None`` if it is not a well-formed session ID."""
+    token, dot, route = session_id.partition(".")
+    if not dot or not TOKEN_RE.fullmatch(token) or not ROUTE_RE.fullmatch(route):
+        return None
+    return SessionId(token, route)
+
+
+def reroute(session_id: str, route: str) -> str:
+    """The same session, owned by ``route`` (Tomcat's JvmRouteBinderValve)."""
+    parsed = parse_id(session_id)
+    assert parsed is not None, f"not a session ID: {session_id!r}"
+    return make_id(parsed.token, route)
+
+
+class Verified(NamedTuple):
+    token: str
+    route: str
+    resign: bool  # signed with an older key: re-issue the cookie with the current one
+
+
+class CookieSigner:
+    """Signs and verifies session cookies.
+
+    ``secret_keys`` are oldest first (itsdangerous' order); the last one signs. Successful
+    verifications are cached by exact cookie value, so the HMAC is not recomputed on every
+    request; only values that verified ever enter the cache.
+    """
+
+    def __init__(self, secret_keys: tuple[str, ...], *, salt: str = "clustersess.cookie") -> None:
+        assert secret_keys, "Config guarantees at least one key"
+        kw = {"salt": salt, "sep": SIGN_SEP, "digest_method": hashlib.sha256}
+        self._current = itsdangerous.Signer(secret_keys[-1], **kw)  # type: ignore[arg-type]
+        self._all = itsdangerous.Signer(list(secret_keys), **kw)  # type: ignore[arg-type]
+        self._cache: dict[str, Verified] = {}
+        self._issued: dict[tuple[str, str], str] = {}
+
+    def cookie_value(self, token: str, route: str) -> str:
+        """The cookie value for session ``token`` owned by ``route``."""
+        value = self._issued.get((token, route))
+        if value is not None:
+            return value
+        if len(self._issued) >= _CACHE_SIZE:
+            self._issued.clear()
+        signed = self._current.sign(token).decode("ascii")
+        value = self._issued[(token, route)] = f"{signed}.{route}"
+        self._remember(value, Verified(token, route, False))
+        return value
+
+    def verify(self, value: str) -> Verified | None:
+        """Check a cookie value; ``None`` for anything forged, malformed or oversized."""
+        hit = self._cache.get(value)
+        if hit is not None:
+            return hit
+        if len(value) > MAX_COOKIE_LENGTH:
+            return None
+        m = _COOKIE_RE.fullmatch(value)
+        if m is None:
+            return None
+        token, sig, route = m.groups()
+        if self._current.verify_signature(token.encode("ascii"), sig.encode("ascii")):
+            result = Verified(token, route, False)
+        elif self._all.verify_signature(token.encode("ascii"), sig.encode("ascii")):
+            result = Verified(token, route, True)
+        else:
+            return None
+        self._remember(value, result)
+        return result
+
+    def _remember(self, value: str, result: Verified) -> None:
+        if len(self._cache) >= _CACHE_SIZE:
+            # Cheap bounded cache: drop the oldest half (dicts keep insertion order).
+            for key in list(self._cache)[: _CACHE_SIZE // 2]:
+                del self._cache[key]
+        self._cache[value] = result
+

@@ -1,0 +1,325 @@
+"""The framework-free core: opens a session for a request and commits it at the end.
+
+Adapters (``asgi.py``, ``wsgi.py``) call :meth:`SessionManager.open` when a request
+starts and :meth:`SessionManager.close` before its response starts. The manager owns the
+local store, the cookie signer, the stats, the listeners and the background tasks; when
+clustered it delegates replication and takeover to :class:`clustersess.cluster.ClusterNode`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import codec, ids
+from .clock import Clock, SystemClock
+from .config import Config
+from .errors import SessionTooLarge, SessionValueError
+from .listeners import DestroyReason, SessionEvent, SessionListener
+from .session import Entry, Session
+from .stats import Stats
+from .store import LocalStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cluster.node import ClusterNode
+    from .cluster.transport import Transport
+
+log = logging.getLogger("clustersess")
+
+#: what close() asks the adapter to do with the cookie
+DELETE_COOKIE = ""
+
+
+class Replicator(Protocol):
+    """What the manager needs from the cluster layer (``None`` on a single node)."""
+
+    async def run(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def acquire(self, token: str, route: str) -> Entry | None: ...
+    async def replicate(self, entry: Entry) -> None: ...
+    def touched(self, entry: Entry) -> None: ...
+    def buried(self, tokens: list[str], reason: DestroyReason) -> None: ...
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Handle:
+    """One request's view of its session."""
+
+    session: Session
+    cookie_in: str | None
+    #: the cookie was signed with an older key: re-issue it even if nothing changed
+    resign: bool
+    closed: bool = False
+
+
+class SessionManager:
+    """Holds this node's sessions. One per node (per process).
+
+    Arguments:
+        config: the validated :class:`Config`.
+        clock: time source (tests inject :class:`FakeClock`).
+        transport: cluster transport; default is Redis when ``config.redis_url`` is set.
+        listeners: :class:`SessionListener` objects.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        transport: Transport | None = None,
+        listeners: list[SessionListener] | None = None,
+    ) -> None:
+        self.config = config
+        self.node = config.node_name
+        self.clock: Clock = clock or SystemClock()
+        self.stats = Stats()
+        self.store = LocalStore()
+        self.signer = ids.CookieSigner(config.secret_key)
+        self.listeners = list(listeners or [])
+        self.cluster: ClusterNode | None = None
+        if transport is not None or config.redis_url is not None:
+            from .cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(self, transport)
+        self._runner: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the background tasks (sweeper; cluster receiver and heartbeat)."""
+        if self._runner is not None:
+            return
+        self._runner = asyncio.create_task(self._run(), name="clustersess")
+        await self._started.wait()
+        if self.cluster is not None:
+            await self.cluster.wait_ready()
+
+    async def stop(self) -> None:
+        """Hand sessions over (when clustered) and stop every background task."""
+        if self._runner is None:
+            return
+        if self.cluster is not None:
+            await self.cluster.stop()
+        self._runner.cancel()
+        try:
+            await self._runner
+        except asyncio.CancelledError:
+            pass
+        self._runner = None
+        self._started.clear()
+
+    async def _run(self) -> None:
+        # One task group owns every background task; cancelling it is the shutdown path.
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._sweeper(), name="clustersess-sweeper")
+            if self.cluster is not None:
+                self.cluster.start_tasks(tg)
+            self._started.set()
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_every)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Expire idle sessions and copies now (the sweeper calls this periodically)."""
+        expired, _ = self.store.sweep(self.clock.time(), self.config.max_inactive)
+        for entry in expired:
+            self._destroyed(entry, "expired")
+        if expired and self.cluster is not None:
+            self.cluster.buried([e.token for e in expired], "expired")
+
+    # -- request path -------------------------------------------------------------------
+    async def open(self, cookie: str | None) -> Handle:
+        """The session for a request that carried ``cookie`` (its raw value, or None).
+
+        Never raises for bad input: a forged, malformed, unknown, expired or invalidated
+        cookie gets a fresh session (strict mode: the presented ID is never adopted).
+        """
+        entry: Entry | None = None
+        verified = self.signer.verify(cookie) if cookie else None
+        if cookie and verified is None:
+            self.stats.rejected_cookies += 1
+        if verified is not None:
+            entry = await self._find(verified.token, verified.route)
+            if entry is None:
+                self.stats.unknown_sessions += 1
+        if entry is None:
+            now = self.clock.time()
+            entry = Entry(token=ids.new_token(), owner=self.node, created=now, last_accessed=now)
+            session = Session(entry, self)
+            entry.session = session
+            entry.inflight = 1
+            return Handle(session, cookie, resign=False)
+        session = entry.session
+        if session is None:
+            session = Session(entry, self, codec.decode(entry.payload))
+            entry.session = session
+        entry.inflight += 1
+        return Handle(session, cookie, resign=verified.resign)
+
+    async def _find(self, token: str, route: str) -> Entry | None:
+        now = self.clock.time()
+        if self.store.is_dead(token, now):
+            return None
+        entry = self.store.owned.get(token)
+        if entry is None or route != self.node:
+            # Not ours (or the client's cookie names another owner): the cluster may hold
+            # a newer copy. On a single node, a local copy is the only copy.
+            if self.cluster is not None:
+                entry = await self.cluster.acquire(token, route)
+            elif entry is None:
+                return None
+        if entry is None:
+            return None
+        if now - entry.last_accessed > self.config.max_inactive:
+            if entry.inflight == 0:
+                self.store.owned.pop(token, None)
+                self._destroyed(entry, "expired")
+                if self.cluster is not None:
+                    self.cluster.buried([token], "expired")
+            return None
+        entry.last_accessed = now
+        if self.cluster is not None:
+            self.cluster.touched(entry)
+        return entry
+
+    async def close(self, handle: Handle) -> str | None:
+        """Commit the request's changes; returns the cookie to set.
+
+        Returns the cookie value to set, ``DELETE_COOKIE`` to delete it, or ``None`` to
+        send no cookie.
+
+        Raises:
+            SessionValueError: a value is not JSON-serializable; nothing is stored and
+                the session keeps its last committed state.
+            SessionTooLarge: the session is over ``max_session_size``; likewise.
+        """
+        assert not handle.closed, "close() called twice for one request"
+        handle.closed = True
+        session = handle.session
+        entry = session._entry
+        entry.inflight -= 1
+        changed = await self._commit(entry, session)
+        if entry.version == 0:  # nothing stored: new, or destroyed in this request
+            return DELETE_COOKIE if session._killed and handle.cookie_in else None
+        cookie = self._cookie_for(entry)
+        if cookie == handle.cookie_in and not handle.resign and not (changed and self.config.max_age is not None):
+            return None
+        return cookie
+
+    def abandon(self, handle: Handle) -> None:
+        """The request failed before its response: release without committing."""
+        if handle.closed:
+            return
+        handle.closed = True
+        entry = handle.session._entry
+        entry.inflight -= 1
+        if entry.inflight == 0 and entry.version > 0:
+            # Nobody else is using the object: drop the failed request's changes.
+            handle.session.replace_all(codec.decode(entry.payload))
+
+    async def _commit(self, entry: Entry, session: Session) -> bool:
+        if entry.version == 0 and not session:
+            return False
+        try:
+            payload = codec.encode(session, limit=self.config.max_session_size)
+        except (SessionValueError, SessionTooLarge) as exc:
+            if isinstance(exc, SessionTooLarge):
+                self.stats.too_large += 1
+            else:
+                self.stats.bad_values += 1
+            session.replace_all(codec.decode(entry.payload))
+            raise
+        if payload == entry.payload and entry.version > 0 and not entry.dirty:
+            return False
+        entry.dirty = False
+        if entry.token not in self.store.owned and entry.version > 0:
+            # Ownership moved away while this request ran: adopt it again so the write
+            # is not lost; the cluster resolves the order by epoch.
+            if self.cluster is not None:
+                self.cluster.reclaim(entry)
+        entry.payload = payload
+        entry.version += 1
+        self.stats.commits += 1
+        if entry.version == 1:
+            self.store.owned[entry.token] = entry
+            self.stats.sessions_created += 1
+            self._fire("created", entry)
+        else:
+            self._fire("changed", entry)
+        if self.cluster is not None:
+            await self.cluster.replicate(entry)
+        return True
+
+    def _cookie_for(self, entry: Entry) -> str:
+        return self.signer.cookie_value(entry.token, entry.owner)
+
+    # -- lifecycle calls from the session object ---------------------------------------
+    def rotate(self, session: Session) -> None:
+        entry = session._entry
+        old = entry.token
+        entry.token = ids.new_token()
+        self.stats.sessions_rotated += 1
+        if entry.version > 0:
+            self.store.owned.pop(old, None)
+            self.store.bury(old, self._tombstone_until())
+            self.store.owned[entry.token] = entry
+            # Commit at request end even if the data is unchanged: the new token must
+            # reach the backup.
+            entry.dirty = True
+            if self.cluster is not None:
+                self.cluster.buried([old], "invalidated")
+
+    def invalidate(self, session: Session) -> None:
+        entry = session._entry
+        if entry.version > 0:
+            self.store.bury(entry.token, self._tombstone_until())
+            self.stats.sessions_invalidated += 1
+            self._destroyed(entry, "invalidated", dict(session))
+            if self.cluster is not None:
+                self.cluster.buried([entry.token], "invalidated")
+        # The object starts over as a brand-new session with a fresh token.
+        now = self.clock.time()
+        fresh = Entry(token=ids.new_token(), owner=self.node, created=now, last_accessed=now)
+        fresh.session = session
+        fresh.inflight = entry.inflight
+        entry.session = None
+        session._entry = fresh
+        session.replace_all({})
+        session._killed = True
+
+    def _tombstone_until(self) -> float:
+        return self.clock.time() + self.config.max_inactive + 60.0
+
+    # -- listeners ---------------------------------------------------------------------
+    def _fire(self, hook: str, entry: Entry, data: dict[str, Any] | None = None, *, replicated: bool = False) -> None:
+        if not self.listeners:
+            return
+        if data is None:
+            data = dict(entry.session) if entry.session is not None else codec.decode(entry.payload)
+        event = SessionEvent(entry.session_id, self.node, replicated, data)
+        for listener in self.listeners:
+            try:
+                getattr(listener, hook)(event)
+            except Exception:
+                self.stats.listener_errors += 1
+                log.exception("session listener %r failed in %s()", listener, hook)
+
+    def _destroyed(self, entry: Entry, reason: DestroyReason, data: dict[str, Any] | None = None, *, replicated: bool = False) -> None:
+        if reason == "expired":
+            self.stats.sessions_expired += 1
+        if not self.listeners:
+            return
+        if data is None:
+            data = codec.decode(entry.payload) if entry.payload else {}
+        event = SessionEvent(entry.session_id, self.node, replicated, data)
+        for listener in self.listeners:
+            try:
+                listener.destroyed(event, reason)
+            except Exception:
+                self.stats.listener_errors += 1
+                log.exception("session listener %r failed in destroyed()", listener)

@@ -1,0 +1,126 @@
+"""The session object handed to the application, and the record a node keeps for it.
+
+A node holds one live :class:`Session` per ID (as Tomcat does), shared by every concurrent
+request of that session, so concurrent updates on one node never overwrite each other.
+What the node stores and replicates is the :class:`Entry`: metadata and the last committed
+JSON. Metadata is kept on the entry, never hidden inside the user's dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import codec, ids
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .manager import SessionManager
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Entry:
+    """One session as a node holds it: as owner (with a live session) or as backup."""
+
+    token: str
+    owner: str
+    created: float
+    last_accessed: float
+    epoch: int = 0
+    version: int = 0
+    payload: bytes = b"{}"
+    session: Session | None = None
+    inflight: int = 0
+    #: commit at request end even if the data did not change (after rotate())
+    dirty: bool = False
+    #: the node that holds this session's backup copy, as of the last replication
+    backup: str | None = None
+
+    @property
+    def session_id(self) -> str:
+        return ids.make_id(self.token, self.owner)
+
+    def order(self) -> tuple[int, int]:
+        """Newer copies compare greater: first by ownership epoch, then by version."""
+        return (self.epoch, self.version)
+
+
+class Session(dict[str, Any]):
+    """A dict of JSON-serializable values with the session's identity and lifecycle.
+
+    Use it like ``request.session`` in Starlette. Extra API:
+
+    * ``id``: ``<token>.<route>``; ``is_new``: not stored yet; ``created`` and
+      ``last_accessed``: epoch seconds.
+    * ``rotate()``: new ID, same data, old ID dead; call it at login (anti-fixation).
+    * ``invalidate()``: logout; the old ID is dead and the session starts over empty.
+
+    Setting a value that is not JSON-serializable raises :class:`SessionValueError` (a
+    ``TypeError``) naming the key, at the assignment.
+    """
+
+    __slots__ = ("_entry", "_manager", "_killed", "accessed")
+
+    def __init__(self, entry: Entry, manager: SessionManager, data: Mapping[str, Any] | None = None) -> None:
+        super().__init__(data or {})
+        self._entry = entry
+        self._manager = manager
+        self.accessed = False
+        #: invalidate() destroyed the stored session this object came from
+        self._killed = False
+
+    # -- identity ---------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self._entry.session_id
+
+    @property
+    def is_new(self) -> bool:
+        return self._entry.version == 0
+
+    @property
+    def created(self) -> float:
+        return self._entry.created
+
+    @property
+    def last_accessed(self) -> float:
+        return self._entry.last_accessed
+
+    def rotate(self) -> None:
+        """Give the session a new ID and kill the old one (like changeSessionId)."""
+        self._manager.rotate(self)
+
+    def invalidate(self) -> None:
+        """Log out: destroy the stored session; this object starts over, empty, with a new ID."""
+        self._manager.invalidate(self)
+
+    def mark_accessed(self) -> None:  # called by Starlette's ``request.session``
+        self.accessed = True
+
+    # -- validated mutation -----------------------------------------------------------
+    def __setitem__(self, key: str, value: Any) -> None:
+        codec.check_value(key, value)
+        super().__setitem__(key, value)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            codec.check_value(key, default)
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        items: dict[str, Any] = dict(*args, **kwargs)
+        for key, value in items.items():
+            codec.check_value(key, value)
+        super().update(items)
+
+    def __ior__(self, other: Any) -> Session:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def replace_all(self, data: Iterable[tuple[str, Any]] | Mapping[str, Any]) -> None:
+        """Swap the contents without validation (data known good); internal use."""
+        super().clear()
+        super().update(data)
+
+    def __repr__(self) -> str:
+        return f"<Session {self._entry.token[:6]}….{self._entry.owner} {dict.__repr__(self)}>"

@@ -1,0 +1,97 @@
+"""The test.jsp demo: a Starlette app that shows which node served you and your session.
+
+``demo_app:app`` is configured from ``CLUSTERSESS_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from clustersess import ClusterSessionMiddleware
+
+NODE = os.environ.get("CLUSTERSESS_NODE", "node1")
+
+
+def _local_address(request: Request) -> str:
+    server = request.scope.get("server") or ("unknown", 0)
+    host, port = server[0], server[1]
+    return f"{host}:{port}"
+
+
+async def test_jsp(request: Request) -> Response:
+    session = request.session
+    session["hits"] = int(session.get("hits", 0)) + 1
+    body = (
+        "<!DOCTYPE html>\n<html>\n<head><title>Cluster app test</title></head>\n<body>\n"
+        "    Server info:\n"
+        f"{html.escape(_local_address(request))}<br>"
+        f"<br>ID {html.escape(session.id)} <br>\n"
+        f"Node {html.escape(NODE)} <br>\n"
+        f"Hits {session['hits']} <br>\n"
+        "</body>\n</html>\n"
+    )
+    return HTMLResponse(body)
+
+
+def _view(request: Request) -> dict[str, object]:
+    session = request.session
+    return {"id": session.id, "node": NODE, "new": session.is_new, "data": dict(session)}
+
+
+async def get_session(request: Request) -> Response:
+    return JSONResponse(_view(request))
+
+
+async def post_session(request: Request) -> Response:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+    if not isinstance(body, dict):
+        return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+    request.session.update(body)
+    return JSONResponse(_view(request))
+
+
+async def incr(request: Request) -> Response:
+    key = request.path_params["key"]
+    value = request.session.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return JSONResponse({"error": f"session[{key!r}] is not an integer"}, status_code=409)
+    request.session[key] = value + 1
+    return JSONResponse(_view(request))
+
+
+async def rotate(request: Request) -> Response:
+    request.session.rotate()
+    return JSONResponse(_view(request))
+
+
+async def delete_session(request: Request) -> Response:
+    request.session.invalidate()
+    return JSONResponse(_view(request))
+
+
+async def health(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+routes = [
+    Route("/test.jsp", test_jsp),
+    Route("/api/session", get_session, methods=["GET"]),
+    Route("/api/session", post_session, methods=["POST"]),
+    Route("/api/session", delete_session, methods=["DELETE"]),
+    Route("/api/session/incr/{key}", incr, methods=["POST"]),
+    Route("/api/session/rotate", rotate, methods=["POST"]),
+    Route("/health", health),
+]
+
+app = Starlette(routes=routes, middleware=[Middleware(ClusterSessionMiddleware)])
