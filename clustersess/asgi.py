@@ -110,6 +110,7 @@ class ClusterSessionMiddleware:
         session = handle.session
         session.accessed = False
         scope["session"] = session
+        scope["clustersess.manager"] = manager
         if kind == "http":
             await self._http(scope, receive, send, handle)
         else:

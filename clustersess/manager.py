@@ -132,6 +132,22 @@ class SessionManager:
         if expired and self.cluster is not None:
             self.cluster.buried([e.token for e in expired], "expired")
 
+    def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot for status pages: this node, its members and counters."""
+        info: dict[str, Any] = {
+            "node": self.node,
+            "clustered": self.cluster is not None,
+            "replication": self.config.replication if self.cluster is not None else None,
+            "sessions_owned": len(self.store.owned),
+            "sessions_backed_up": len(self.store.backups),
+            "tombstones": len(self.store.tombstones),
+            "members": [],
+            "stats": self.stats.as_dict(),
+        }
+        if self.cluster is not None:
+            info.update(self.cluster.status())
+        return info
+
     # -- request path -------------------------------------------------------------------
     async def open(self, cookie: str | None) -> Handle:
         """The session for a request that carried ``cookie`` (its raw value, or None).
