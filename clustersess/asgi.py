@@ -13,7 +13,7 @@ from typing import Any
 
 from .clock import Clock
 from .config import Config
-from .cookies import CookieWriter, find_cookie
+from .cookies import CookieWriter, find_cookie, make_private
 from .errors import ConfigError
 from .listeners import SessionListener
 from .manager import DELETE_COOKIE, Handle, SessionManager
@@ -157,7 +157,7 @@ class ClusterSessionMiddleware:
         value = self.cookies.delete() if cookie == DELETE_COOKIE else self.cookies.set(cookie)
         headers.append((b"set-cookie", value.encode("latin-1")))
         headers.append((b"vary", b"Cookie"))
-        _make_private(headers)
+        make_private(headers)
 
     def _read_cookie(self, scope: Scope) -> str | None:
         for name, value in scope["headers"]:
@@ -198,17 +198,3 @@ class ClusterSessionMiddleware:
             return message
 
         await self.app(scope, receive_wrapper, send)
-
-
-def _make_private(headers: list[tuple[bytes, bytes]]) -> None:
-    """A response that sets the session cookie must never be stored by a shared cache."""
-    for i, (name, value) in enumerate(headers):
-        if name.lower() == b"cache-control":
-            directives = [d.strip() for d in value.decode("latin-1").split(",") if d.strip()]
-            lowered = [d.lower() for d in directives]
-            if "private" in lowered or "no-store" in lowered:
-                return
-            kept = [d for d in directives if d.lower() != "public" and not d.lower().startswith("s-maxage")]
-            headers[i] = (name, ", ".join(["private", *kept]).encode("latin-1"))
-            return
-    headers.append((b"cache-control", b"private"))

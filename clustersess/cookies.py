@@ -5,6 +5,8 @@ Shared by the ASGI and WSGI adapters so both speak exactly the same cookie.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .config import Config
 from .ids import MAX_COOKIE_LENGTH
 
@@ -49,3 +51,28 @@ class CookieWriter:
 
     def delete(self) -> str:
         return f"{self._name}=null; {self._delete_tail}"
+
+
+def make_private(headers: list[tuple[Any, Any]]) -> None:
+    """Keep a response that sets the session cookie out of shared caches.
+
+    Adds ``Cache-Control: private`` (dropping ``public`` and ``s-maxage``) unless the
+    response is already ``private`` or ``no-store``. ``headers`` is a list of (name,
+    value) pairs, ``bytes`` (ASGI) or ``str`` (WSGI), already holding the Set-Cookie
+    header (which tells the type); it is changed in place.
+    """
+    assert headers, "call make_private() after adding the Set-Cookie header"
+    for i, (name, value) in enumerate(headers):
+        raw = isinstance(name, bytes)
+        if (name.decode("latin-1") if raw else name).lower() != "cache-control":
+            continue
+        text = value.decode("latin-1") if raw else value
+        directives = [d.strip() for d in text.split(",") if d.strip()]
+        lowered = [d.lower() for d in directives]
+        if "private" in lowered or "no-store" in lowered:
+            return
+        kept = [d for d in directives if d.lower() != "public" and not d.lower().startswith("s-maxage")]
+        new = ", ".join(["private", *kept])
+        headers[i] = (name, new.encode("latin-1") if raw else new)
+        return
+    headers.append((b"cache-control", b"private") if isinstance(headers[-1][0], bytes) else ("Cache-Control", "private"))
