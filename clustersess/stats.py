@@ -37,6 +37,7 @@ class Stats:
     requeued: int = 0
     redis_reconnects: int = 0
     listener_errors: int = 0
+    writes_after_handoff: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)

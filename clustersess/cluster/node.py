@@ -1,0 +1,717 @@
+"""One node's part in the cluster: replication, acks, takeover, adoption and hand-off.
+
+This is Tomcat's BackupManager over Redis pub/sub:
+
+* ``replicate()`` sends a committed session's full state to its backup (chosen by
+  rendezvous hashing over the live members). Concurrent requests' sends are coalesced
+  into one message per backup and one pipelined round trip by the flusher task. In sync
+  mode (channelSendOptions=6) the request waits for the backup's ack, never longer than
+  ``ack_timeout``; a miss queues the session for re-replication.
+* ``acquire()`` takes a session over when a request for it arrives here: it asks the
+  cluster for every copy (FETCH), the holders give up ownership and answer, the newest
+  copy (by epoch, then version) wins, the epoch is bumped and a new backup is chosen.
+* When a member dies, sessions it backed up get a new backup, and its sessions are
+  adopted by their backup. A node stopping cleanly hands its sessions to their backups.
+* Every incoming message is authenticated, parsed strictly, checked for replay and gaps,
+  and applied only if it is newer than what this node holds; the rest is dropped and
+  counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import codec
+from ..errors import DuplicateNodeError
+from ..session import Entry
+from . import messages as m
+from .membership import Membership, new_incarnation, pick_backup
+from .transport import RedisTransport, Transport, TransportError
+from .wire import BadMac, Codec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..manager import SessionManager
+
+log = logging.getLogger("clustersess.cluster")
+
+
+class NoReceiver(Exception):
+    """Nobody was subscribed to the backup's channel (dead, or disconnected from Redis)."""
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _AckWait:
+    waiters: list[asyncio.Future[None]]
+    versions: dict[str, int]
+    sent: float
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Fetch:
+    expected: int = -1
+    replies: list[m.FetchReply] = dataclasses.field(default_factory=list)
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class _RateLimitedLog:
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def warning(self, kind: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, 0.0) >= 1.0:
+            self._last[kind] = now
+            log.warning(msg, *args)
+
+
+class ClusterNode:
+    def __init__(self, manager: SessionManager, transport: Transport | None = None) -> None:
+        cfg = manager.config
+        self.manager = manager
+        self.config = cfg
+        self.stats = manager.stats
+        self.store = manager.store
+        self.clock = manager.clock
+        self.name = cfg.node_name
+        self.incarnation = new_incarnation()
+        self.codec = Codec(cfg.secret_key)
+        if transport is None:
+            assert cfg.redis_url is not None
+            transport = RedisTransport(cfg.redis_url)
+        self.transport = transport
+        self.members = Membership(self.name, cfg.drop_time)
+        self.address = f"{socket.gethostname()}:{os.getpid()}"
+        self.ch_all = f"{cfg.cluster_name}:all"
+        self.ch_me = self.channel(self.name)
+        self.claim_key = f"{cfg.cluster_name}:claim:{self.name}"
+        self.access_every = max(0.05, min(30.0, cfg.max_inactive / 4))
+        # outgoing
+        self._seq: dict[str, int] = {}
+        self._outbox: list[tuple[str, m.Body, asyncio.Future[int] | None]] = []
+        self._pending: dict[tuple[str, bool], dict[str, Entry]] = {}
+        self._pending_waiters: dict[tuple[str, bool], list[asyncio.Future[None]]] = {}
+        self._acks: dict[tuple[str, int], _AckWait] = {}
+        self._wake = asyncio.Event()
+        self._touched: dict[str, Entry] = {}
+        self._requeue: set[str] = set()
+        self._fetches: dict[str, _Fetch] = {}
+        self._acquiring: dict[str, asyncio.Future[Entry | None]] = {}
+        # incoming
+        self._last_seq: dict[tuple[str, str, bool], int] = {}
+        self._connected = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._warn = _RateLimitedLog()
+        self._lone_logged = False
+        self._stopping = False
+
+    def channel(self, node: str) -> str:
+        return f"{self.config.cluster_name}:node:{node}"
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start_tasks(self, tg: asyncio.TaskGroup) -> None:
+        self._tg = tg
+        tg.create_task(
+            self.transport.run([self.ch_me, self.ch_all], self._on_message, self._on_connect),
+            name="clustersess-receiver",
+        )
+        tg.create_task(self._flusher(), name="clustersess-flusher")
+        tg.create_task(self._heartbeat(), name="clustersess-heartbeat")
+        tg.create_task(self._access_flusher(), name="clustersess-access")
+
+    async def wait_ready(self) -> None:
+        """Wait for Redis (briefly) and claim the node name; raise if it is taken."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout=2.0)
+        except TimeoutError:
+            log.warning("clustersess: Redis is unreachable at start-up; serving from memory and retrying")
+            return
+        deadline = time.monotonic() + self.config.drop_time + self.config.heartbeat_interval
+        while True:
+            try:
+                holder = await self.transport.claim(self.claim_key, self.incarnation, self.config.drop_time)
+            except TransportError:
+                log.warning("clustersess: could not claim node name %s yet (Redis down)", self.name)
+                return
+            if holder == self.incarnation:
+                break
+            if time.monotonic() > deadline:
+                raise DuplicateNodeError(
+                    f"another live node is already named {self.name!r} in cluster "
+                    f"{self.config.cluster_name!r}; give every node its own CLUSTERSESS_NODE"
+                )
+            await asyncio.sleep(self.config.heartbeat_interval)
+        log.info(
+            "clustersess: node %s joined cluster %s (incarnation %s, %s replication)",
+            self.name,
+            self.config.cluster_name,
+            self.incarnation,
+            self.config.replication,
+        )
+
+    async def stop(self) -> None:
+        """Hand every owned session to its backup and leave, promptly."""
+        self._stopping = True
+        if not self.transport.connected:
+            log.warning("clustersess: stopping without Redis; %d session(s) not handed over", len(self.store.owned))
+            await self.transport.close()
+            return
+        self._send(self.ch_all, m.Leave())
+        entries = list(self.store.owned.values())
+        waits = [self._enqueue(e, handoff=True) for e in entries]
+        waiting = [w for w in waits if w is not None]
+        if waiting:
+            done, _ = await asyncio.wait(waiting, timeout=self.config.ack_timeout * 2)
+            ok = sum(1 for f in done if not f.cancelled() and f.exception() is None)
+            self.stats.handed_over += ok
+            log.info("clustersess: handed %d of %d session(s) over before leaving", ok, len(entries))
+        await self._flush_now()
+        await self.transport.release(self.claim_key, self.incarnation)
+        await self.transport.close()
+
+    # -- called by the manager ------------------------------------------------------------
+    async def replicate(self, entry: Entry) -> None:
+        """Send a committed session to its backup; in sync mode wait for the ack."""
+        deadline = time.monotonic() + self.config.ack_timeout
+        for _attempt in range(3):
+            fut = self._enqueue(entry)
+            if fut is None or self.config.replication == "async":
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()))
+                return
+            except NoReceiver:
+                continue  # the backup was marked suspect: the next attempt picks another
+            except TimeoutError:
+                self.stats.ack_timeouts += 1
+                self._warn.warning(
+                    "ack", "clustersess: no ack from backup within %.2fs; queued for re-replication",
+                    self.config.ack_timeout,
+                )
+                self._requeue.add(entry.token)
+                return
+            except TransportError:
+                return  # counted and queued by the flusher
+        self._requeue.add(entry.token)
+
+    def touched(self, entry: Entry) -> None:
+        self._touched[entry.token] = entry
+
+    def buried(self, tokens: list[str], reason: str) -> None:
+        for t in tokens:
+            self._touched.pop(t, None)
+            self._requeue.discard(t)
+        self._send(self.ch_all, m.Invalidate(tuple(tokens), reason))
+
+    def reclaim(self, entry: Entry) -> None:
+        self.stats.writes_after_handoff += 1
+        self._warn.warning(
+            "reclaim", "clustersess: a request finished after its session moved to another node; its change is dropped"
+        )
+
+    async def acquire(self, token: str, route: str) -> Entry | None:
+        """Take session ``token`` over (a request for it arrived here)."""
+        running = self._acquiring.get(token)
+        if running is not None:
+            return await asyncio.shield(running)
+        fut: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        self._acquiring[token] = fut
+        try:
+            entry = await self._acquire(token)
+        except Exception:
+            log.exception("clustersess: takeover of a session failed")
+            entry = None
+        finally:
+            del self._acquiring[token]
+        fut.set_result(entry)
+        return entry
+
+    async def _acquire(self, token: str) -> Entry | None:
+        local = [e for e in (self.store.owned.get(token), self.store.backups.get(token)) if e is not None]
+        replies: list[m.FetchReply] = []
+        if self.transport.connected:
+            req = os.urandom(8).hex()
+            fetch = self._fetches[req] = _Fetch()
+            try:
+                counted = self._send(self.ch_all, m.Fetch(req, token), counted=True)
+                assert counted is not None
+                receivers = await asyncio.wait_for(counted, self.config.ack_timeout)
+                fetch.expected = receivers - 1  # we hear our own broadcast
+                if len(fetch.replies) < fetch.expected:
+                    await asyncio.wait_for(fetch.done.wait(), self.config.ack_timeout)
+            except (TimeoutError, TransportError):
+                self._warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
+            finally:
+                del self._fetches[req]
+            replies = fetch.replies
+        if any(r.dead for r in replies):
+            self.store.bury(token, self.clock.time() + self.config.max_inactive + 60.0)
+            return None
+        best: Entry | None = max(local, key=Entry.order, default=None)
+        for r in replies:
+            if r.state is not None and (best is None or (r.state.epoch, r.state.version) > best.order()):
+                best = _entry_from(r.state)
+        if best is None:
+            self.stats.takeover_misses += 1
+            return None
+        if best is self.store.owned.get(token):
+            return best  # already ours, and nobody holds a newer copy
+        entry = self._promote(best)
+        self.stats.takeovers += 1
+        await self.replicate(entry)
+        self._send(self.ch_all, m.Owned(token, entry.epoch, entry.backup))
+        return entry
+
+    def _promote(self, best: Entry) -> Entry:
+        """Make this node the owner of ``best``'s session at a new epoch."""
+        token = best.token
+        entry = self.store.owned.get(token)
+        if entry is None:
+            entry = Entry(token=token, owner=self.name, created=best.created, last_accessed=best.last_accessed)
+        if entry.session is not None and entry.payload != best.payload:
+            entry.session.replace_all(codec.decode(best.payload))
+        entry.payload = best.payload
+        entry.version = best.version
+        entry.created = best.created
+        entry.last_accessed = max(entry.last_accessed, best.last_accessed)
+        entry.epoch = best.epoch + 1
+        entry.owner = self.name
+        self.store.backups.pop(token, None)
+        self.store.owned[token] = entry
+        return entry
+
+    # -- sending --------------------------------------------------------------------------
+    def _send(self, channel: str, body: m.Body, *, counted: bool = False) -> asyncio.Future[int] | None:
+        fut = asyncio.get_running_loop().create_future() if counted else None
+        self._outbox.append((channel, body, fut))
+        self._wake.set()
+        return fut
+
+    def _enqueue(self, entry: Entry, *, handoff: bool = False) -> asyncio.Future[None] | None:
+        exclude = (entry.owner,) if entry.owner != self.name else ()
+        backup = self.members.backup_for(entry.token, exclude=exclude)
+        entry.backup = backup
+        if backup is None:
+            if not self._lone_logged and not self.members.members:
+                log.warning("clustersess: node %s is alone in the cluster; sessions have no backup", self.name)
+                self._lone_logged = True
+            return None
+        self._lone_logged = False
+        key = (backup, handoff)
+        self._pending.setdefault(key, {})[entry.token] = entry
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending_waiters.setdefault(key, []).append(fut)
+        self._wake.set()
+        return fut
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush_now()
+
+    async def _flush_now(self) -> None:
+        pending, self._pending = self._pending, {}
+        waiters, self._pending_waiters = self._pending_waiters, {}
+        outbox, self._outbox = self._outbox, []
+        items: list[tuple[str, bytes]] = []
+        results: list[Any] = []  # per item: Future[int] | (dest, seq) | None
+        for (dest, handoff), entries in pending.items():
+            states = [_state_of(e) for e in entries.values() if e.token in self.store.owned and e.version > 0]
+            ws = waiters.get((dest, handoff), [])
+            if not states:
+                for w in ws:
+                    if not w.done():
+                        w.set_result(None)
+                continue
+            for i in range(0, len(states), 200):
+                chunk = states[i : i + 200]
+                channel = self.channel(dest)
+                seq = self._next_seq(channel)
+                self._acks[(dest, seq)] = _AckWait(
+                    ws if i + 200 >= len(states) else [], {s.token: s.version for s in chunk}, time.monotonic()
+                )
+                items.append((channel, self._encode(seq, m.Replicate(tuple(chunk), handoff))))
+                results.append((dest, seq))
+                self.stats.replications_sent += len(chunk)
+        for channel, body, fut in outbox:
+            items.append((channel, self._encode(self._next_seq(channel), body)))
+            results.append(fut)
+        if not items:
+            return
+        try:
+            counts = await self.transport.publish(items)
+        except TransportError as exc:
+            self.stats.publish_errors += 1
+            self._warn.warning("publish", "clustersess: %s; serving from memory, will re-replicate", exc)
+            for r in results:
+                self._fail(r, exc)
+            return
+        self.stats.messages_sent += len(items)
+        for r, n in zip(results, counts):
+            if isinstance(r, tuple) and n == 0:
+                member = self.members.members.get(r[0])
+                if member is not None:
+                    member.suspect = True
+                self._fail(r, NoReceiver())
+            elif isinstance(r, asyncio.Future) and not r.done():
+                r.set_result(n)
+
+    def _fail(self, r: Any, exc: Exception) -> None:
+        if isinstance(r, asyncio.Future):
+            if not r.done():
+                r.set_exception(exc)
+            r.exception() if r.done() else None  # mark retrieved
+            return
+        if isinstance(r, tuple):
+            wait = self._acks.pop(r, None)
+            if wait is None:
+                return
+            self._requeue.update(wait.versions)
+            self.stats.requeued += len(wait.versions)
+            for w in wait.waiters:
+                if not w.done():
+                    w.set_exception(exc)
+                    w.exception()
+
+    def _next_seq(self, channel: str) -> int:
+        seq = self._seq.get(channel, 0) + 1
+        self._seq[channel] = seq
+        return seq
+
+    def _encode(self, seq: int, body: m.Body) -> bytes:
+        return self.codec.encode(m.Envelope(self.name, self.incarnation, seq, body))
+
+    # -- periodic work --------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        while True:
+            if self.transport.connected:
+                self._beat()
+                try:
+                    holder = await self.transport.claim(self.claim_key, self.incarnation, self.config.drop_time)
+                    if holder != self.incarnation:
+                        self._warn.warning(
+                            "dup", "clustersess: another live node also calls itself %s; rename one (CLUSTERSESS_NODE)",
+                            self.name,
+                        )
+                except TransportError:
+                    pass
+                for member in self.members.expire(time.monotonic()):
+                    self._member_lost(member.name, "no heartbeat for %.1fs" % self.config.drop_time)
+                self._retry_requeued()
+                cutoff = time.monotonic() - max(10.0, self.config.ack_timeout * 4)
+                for key in [k for k, w in self._acks.items() if w.sent < cutoff]:
+                    self._fail(key, TimeoutError())
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    def _beat(self, hello: bool = False) -> None:
+        self._send(
+            self.ch_all,
+            m.Heartbeat(self.address, len(self.store.owned), len(self.store.backups), hello),
+        )
+
+    def _retry_requeued(self) -> None:
+        if not self._requeue:
+            return
+        tokens, self._requeue = self._requeue, set()
+        for token in tokens:
+            entry = self.store.owned.get(token)
+            if entry is not None:
+                fut = self._enqueue(entry)
+                if fut is not None:
+                    fut.add_done_callback(_consume)
+
+    async def _access_flusher(self) -> None:
+        while True:
+            await asyncio.sleep(self.access_every)
+            if not self._touched or not self.transport.connected:
+                continue
+            touched, self._touched = self._touched, {}
+            by_backup: dict[str, list[tuple[str, int, float]]] = {}
+            for e in touched.values():
+                if e.backup is not None and e.token in self.store.owned:
+                    by_backup.setdefault(e.backup, []).append((e.token, e.epoch, e.last_accessed))
+            for dest, items in by_backup.items():
+                for i in range(0, len(items), 500):
+                    self._send(self.channel(dest), m.Accessed(tuple(items[i : i + 500])))
+
+    # -- receiving ------------------------------------------------------------------------
+    async def _on_connect(self, first: bool) -> None:
+        self.members.refresh_all(time.monotonic())
+        self._connected.set()
+        self._beat(hello=True)
+        if not first:
+            # We may have missed messages while disconnected: treat it as a gap. Our
+            # own sessions go to their backups again, and owners resend what we back up.
+            self.stats.redis_reconnects += 1
+            self.stats.resyncs += 1
+            self._requeue.update(self.store.owned)
+            self._retry_requeued()
+            self._send(self.ch_all, m.Resync())
+
+    def _on_message(self, channel: str, raw: bytes) -> None:
+        self.stats.messages_received += 1
+        try:
+            env = self.codec.decode(raw)
+        except BadMac:
+            self.stats.messages_dropped_auth += 1
+            self._warn.warning("auth", "clustersess: dropped a cluster message that failed authentication")
+            return
+        except ValueError:
+            self.stats.messages_dropped_malformed += 1
+            self._warn.warning("malformed", "clustersess: dropped a malformed cluster message")
+            return
+        try:
+            self._dispatch(channel, env)
+        except Exception:  # a bug must not kill the receiver
+            self.stats.messages_dropped_malformed += 1
+            log.exception("clustersess: error while applying a %s message", env.body.TYPE.value)
+
+    def _dispatch(self, channel: str, env: m.Envelope) -> None:
+        src = env.src
+        if src == self.name:
+            if env.inc != self.incarnation:
+                self._warn.warning(
+                    "dup", "clustersess: another node also calls itself %s; rename one (CLUSTERSESS_NODE)", src
+                )
+            return
+        broadcast = channel == self.ch_all
+        key = (src, env.inc, broadcast)
+        last = self._last_seq.get(key)
+        if last is not None and env.seq <= last:
+            self.stats.messages_dropped_replay += 1
+            return
+        if not self.members.is_current(src, env.inc):
+            self.stats.messages_dropped_stale += 1
+            return
+        self._last_seq[key] = env.seq
+        if last is not None and env.seq > last + 1 and not broadcast:
+            self.stats.gaps_detected += 1
+            self._warn.warning("gap", "clustersess: missed %d message(s) from %s; asking it to resync", env.seq - last - 1, src)
+            self._send(self.channel(src), m.Resync())
+        body = env.body
+        if isinstance(body, m.Leave):
+            if self.members.remove(src) is not None:
+                self._member_lost(src, "left")
+            return
+        is_new, replaced = self.members.heard(src, env.inc, time.monotonic())
+        if replaced is not None:
+            self._member_lost(src, "restarted as a new incarnation")
+        if is_new:
+            self._member_joined(src)
+        handler = getattr(self, "_on_" + body.TYPE.value)
+        handler(src, env, body)
+
+    def _on_heartbeat(self, src: str, env: m.Envelope, body: m.Heartbeat) -> None:
+        member = self.members.members.get(src)
+        if member is not None:
+            member.address, member.owned, member.backups = body.address, body.owned, body.backups
+        if body.hello:
+            self._beat()
+
+    def _on_replicate(self, src: str, env: m.Envelope, body: m.Replicate) -> None:
+        now = self.clock.time()
+        stale: list[str] = []
+        adopted: list[Entry] = []
+        for st in body.sessions:
+            token = st.token
+            if self.store.is_dead(token, now):
+                self.stats.messages_dropped_stale += 1
+                continue
+            cur = self.store.owned.get(token) or self.store.backups.get(token)
+            if cur is not None and cur.order() >= (st.epoch, st.version):
+                if cur.epoch > st.epoch:
+                    stale.append(token)
+                if cur.order() > (st.epoch, st.version):
+                    self.stats.messages_dropped_stale += 1
+                elif body.handoff and token in self.store.backups:
+                    adopted.append(cur)  # we already hold this exact version
+                continue
+            if self.store.owned.pop(token, None) is not None:
+                log.info("clustersess: a session moved to %s at a newer epoch", src)
+            copy = _entry_from(st)
+            self.store.backups[token] = copy
+            self.stats.replications_applied += 1
+            if self.config.notify_listeners_on_replication:
+                self.manager._fire("changed" if cur is not None else "created", copy, replicated=True)
+            if body.handoff:
+                adopted.append(copy)
+        self._send(self.channel(src), m.Ack(env.seq, tuple(stale)))
+        for copy in adopted:
+            self._adopt(copy)
+
+    def _adopt(self, copy: Entry) -> None:
+        entry = self._promote(copy)
+        self.stats.adopted += 1
+        fut = self._enqueue(entry)
+        if fut is not None:
+            fut.add_done_callback(_consume)
+
+    def _on_ack(self, src: str, env: m.Envelope, body: m.Ack) -> None:
+        wait = self._acks.pop((src, body.ack), None)
+        if wait is None:
+            return
+        for w in wait.waiters:
+            if not w.done():
+                w.set_result(None)
+        for token in body.stale:
+            entry = self.store.owned.pop(token, None)
+            if entry is not None:
+                log.info("clustersess: %s holds a newer epoch of a session; dropping our copy", src)
+
+    def _on_accessed(self, src: str, env: m.Envelope, body: m.Accessed) -> None:
+        for token, epoch, ts in body.items:
+            copy = self.store.backups.get(token)
+            if copy is not None and copy.epoch == epoch and ts > copy.last_accessed:
+                copy.last_accessed = ts
+
+    def _on_invalidate(self, src: str, env: m.Envelope, body: m.Invalidate) -> None:
+        until = self.clock.time() + self.config.max_inactive + 60.0
+        for token in body.tokens:
+            had = self.store.owned.get(token) or self.store.backups.get(token)
+            self.store.bury(token, until)
+            if had is not None and self.config.notify_listeners_on_replication:
+                self.manager._destroyed(had, body.reason, replicated=True)  # type: ignore[arg-type]
+
+    def _on_fetch(self, src: str, env: m.Envelope, body: m.Fetch) -> None:
+        token = body.token
+        if self.store.is_dead(token, self.clock.time()):
+            self._send(self.channel(src), m.FetchReply(body.request, token, None, dead=True))
+            return
+        owned = self.store.owned.get(token)
+        if owned is not None and owned.inflight > 0 and self._tg is not None:
+            self._tg.create_task(self._release_when_idle(src, body, owned))
+            return
+        self._answer_fetch(src, body)
+
+    async def _release_when_idle(self, src: str, body: m.Fetch, entry: Entry) -> None:
+        # Let requests in flight here commit before the session leaves (bounded).
+        deadline = time.monotonic() + self.config.ack_timeout / 2
+        while entry.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        self._answer_fetch(src, body)
+
+    def _answer_fetch(self, src: str, body: m.Fetch) -> None:
+        token = body.token
+        owned = self.store.owned.pop(token, None)
+        if owned is not None:
+            # Give up ownership; keep the copy as a backup until the new owner's epoch
+            # is confirmed, in case the new owner dies before replicating.
+            self.store.backups[token] = owned
+            self._touched.pop(token, None)
+        copy = owned or self.store.backups.get(token)
+        state = _state_of(copy) if copy is not None and copy.version > 0 else None
+        self._send(self.channel(src), m.FetchReply(body.request, token, state))
+
+    def _on_fetch_reply(self, src: str, env: m.Envelope, body: m.FetchReply) -> None:
+        fetch = self._fetches.get(body.request)
+        if fetch is None:
+            return
+        fetch.replies.append(body)
+        if fetch.expected >= 0 and len(fetch.replies) >= fetch.expected:
+            fetch.done.set()
+
+    def _on_owned(self, src: str, env: m.Envelope, body: m.Owned) -> None:
+        token = body.token
+        for table in (self.store.owned, self.store.backups):
+            cur = table.get(token)
+            if cur is not None and cur.epoch < body.epoch and body.backup != self.name:
+                del table[token]
+
+    def _on_resync(self, src: str, env: m.Envelope, body: m.Resync) -> None:
+        self.stats.resyncs += 1
+        for entry in self.store.owned.values():
+            if self.members.backup_for(entry.token) == src:
+                fut = self._enqueue(entry)
+                if fut is not None:
+                    fut.add_done_callback(_consume)
+
+    # -- membership changes ---------------------------------------------------------------
+    def _member_joined(self, name: str) -> None:
+        log.info("clustersess: member %s joined (%d live)", name, len(self.members.members))
+        self._rebalance()
+
+    def _member_lost(self, name: str, why: str) -> None:
+        log.warning("clustersess: member %s lost: %s (%d live)", name, why, len(self.members.members))
+        for key in [k for k in self._last_seq if k[0] == name]:
+            del self._last_seq[key]
+        # Sessions whose owner was the lost member: their backup (as the owner chose it)
+        # adopts them, so they get a new backup and survive a second failure.
+        view = set(self.members.members) | {self.name}
+        for copy in list(self.store.backups.values()):
+            if copy.owner == name and pick_backup(copy.token, view) == self.name:
+                self._adopt(copy)
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Re-replicate every owned session whose backup is no longer the right one."""
+        if self._stopping:
+            return
+        for entry in self.store.owned.values():
+            if entry.version > 0 and self.members.backup_for(entry.token) != entry.backup:
+                fut = self._enqueue(entry)
+                if fut is not None:
+                    fut.add_done_callback(_consume)
+
+    # -- status ---------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        members = [
+            {
+                "name": self.name,
+                "incarnation": self.incarnation,
+                "state": "up" if self.transport.connected else "disconnected",
+                "self": True,
+                "address": self.address,
+                "owned": len(self.store.owned),
+                "backups": len(self.store.backups),
+            }
+        ]
+        for member in sorted(self.members.members.values(), key=lambda x: x.name):
+            members.append(
+                {
+                    "name": member.name,
+                    "incarnation": member.incarnation,
+                    "state": "suspect" if member.suspect else "up",
+                    "self": False,
+                    "address": member.address,
+                    "owned": member.owned,
+                    "backups": member.backups,
+                    "last_seen": round(now - member.last_seen, 3),
+                }
+            )
+        return {"members": members, "connected": self.transport.connected, "incarnation": self.incarnation}
+
+
+def _state_of(entry: Entry) -> m.SessionState:
+    return m.SessionState(
+        entry.token,
+        entry.owner,
+        entry.epoch,
+        entry.version,
+        entry.created,
+        entry.last_accessed,
+        entry.payload.decode("utf-8"),
+    )
+
+
+def _entry_from(state: m.SessionState) -> Entry:
+    return Entry(
+        token=state.token,
+        owner=state.owner,
+        created=state.created,
+        last_accessed=state.last_accessed,
+        epoch=state.epoch,
+        version=state.version,
+        payload=state.data.encode("utf-8"),
+    )
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
