@@ -48,5 +48,28 @@ def node(name: str, host: str, port: int, redis_url: str | None, replication: st
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_level=log_level, lifespan="on")
 
 
+
+@main.command()
+@click.option("--nodes", type=click.IntRange(1, 32), default=3, show_default=True, help="How many nodes.")
+@click.option("--port-base", type=int, default=9090, show_default=True, help="nodeK listens on PORT_BASE+K.")
+@click.option("--lb", type=click.Choice(["auto", "haproxy", "nginx", "none"]), default="auto", show_default=True,
+              help="Load balancer in front of the nodes (auto: HAProxy, else nginx, if installed).")
+@click.option("--lb-port", type=int, default=None, help="Load balancer port  [default: PORT_BASE]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address everything binds to.")
+def demo(nodes: int, port_base: int, lb: str, lb_port: int | None, host: str) -> None:
+    """Run Redis, N test.jsp nodes and a sticky load balancer here; Ctrl-C stops them all.
+
+    Redis: CLUSTERSESS_REDIS_URL if set, else redis-server on PATH, else the one the
+    'demo' extra installs. The secret: CLUSTERSESS_SECRET, else a random one per run.
+    """
+    from .demo import DemoError, DemoOptions, run
+
+    try:
+        options = DemoOptions(nodes=nodes, port_base=port_base, lb=lb, lb_port=lb_port, host=host)  # type: ignore[arg-type]
+    except DemoError as exc:
+        raise click.UsageError(str(exc)) from None
+    sys.exit(run(options))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import os
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -84,6 +85,50 @@ async def health(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
+def _status(request: Request) -> dict[str, Any]:
+    status: dict[str, Any] = request.scope["clustersess.manager"].status()
+    return status
+
+
+async def cluster_json(request: Request) -> Response:
+    """This node's view of the cluster (what ``clustersess demo`` polls)."""
+    return JSONResponse(_status(request))
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in columns) + "</tr>" for row in rows
+    )
+    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>"
+
+
+async def cluster_page(request: Request) -> Response:
+    """A small status page in the spirit of Tomcat's manager: members, sessions, counters."""
+    status = _status(request)
+    members = [m if isinstance(m, dict) else {"member": m} for m in status.get("members") or []]
+    stats = status.get("stats") or {}
+    summary = {k: v for k, v in status.items() if k not in ("members", "stats")}
+    body = (
+        "<!DOCTYPE html>\n<html>\n<head><title>Cluster status</title>"
+        '<meta http-equiv="refresh" content="2">'
+        "<style>body{font-family:sans-serif} table{border-collapse:collapse;margin-bottom:1em}"
+        " td,th{border:1px solid #999;padding:2px 8px;text-align:left}</style></head>\n<body>\n"
+        f"<h1>Node {html.escape(str(status.get('node', NODE)))}</h1>\n"
+        f"{_table([summary])}\n"
+        "<h2>Members seen by this node</h2>\n"
+        f"{_table(members) if members else '<p>none (single node, or no other member heard yet)</p>'}\n"
+        "<h2>Counters</h2>\n"
+        f"{_table([{'counter': k, 'value': v} for k, v in stats.items()])}\n"
+        '<p><a href="/cluster.json">JSON</a> &middot; <a href="/test.jsp">test.jsp</a></p>\n'
+        "</body>\n</html>\n"
+    )
+    return HTMLResponse(body)
+
+
 routes = [
     Route("/test.jsp", test_jsp),
     Route("/api/session", get_session, methods=["GET"]),
@@ -92,6 +137,8 @@ routes = [
     Route("/api/session/incr/{key}", incr, methods=["POST"]),
     Route("/api/session/rotate", rotate, methods=["POST"]),
     Route("/health", health),
+    Route("/cluster", cluster_page),
+    Route("/cluster.json", cluster_json),
 ]
 
 app = Starlette(routes=routes, middleware=[Middleware(ClusterSessionMiddleware)])
