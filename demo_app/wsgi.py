@@ -1,0 +1,89 @@
+"""The test.jsp demo as a Flask app: the same routes as ``demo_app:app``, on WSGI.
+
+``demo_app.wsgi:app`` is configured from ``CLUSTERSESS_*`` environment variables; run it
+under a real WSGI server, e.g.::
+
+    CLUSTERSESS_SECRET=... CLUSTERSESS_NODE=node3 waitress-serve --port 9093 demo_app.wsgi:app
+
+It joins the same cluster as the Starlette nodes and serves the same sessions.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from typing import Any
+
+from flask import Flask, jsonify, request, session
+
+from clustersess.flask_ext import ClusterSession
+
+NODE = os.environ.get("CLUSTERSESS_NODE", "node1")
+
+app = Flask(__name__)
+clustersess = ClusterSession(app)
+
+
+def _view() -> dict[str, Any]:
+    return {"id": session.id, "node": NODE, "new": session.is_new, "data": dict(session)}
+
+
+@app.get("/test.jsp")
+def test_jsp() -> Any:
+    session["hits"] = int(session.get("hits", 0)) + 1
+    local = f"{request.environ.get('SERVER_NAME', 'unknown')}:{request.environ.get('SERVER_PORT', 0)}"
+    body = (
+        "<!DOCTYPE html>\n<html>\n<head><title>Cluster app test</title></head>\n<body>\n"
+        "    Server info:\n"
+        f"{html.escape(local)}<br>"
+        f"<br>ID {html.escape(session.id)} <br>\n"
+        f"Node {html.escape(NODE)} <br>\n"
+        f"Hits {session['hits']} <br>\n"
+        "</body>\n</html>\n"
+    )
+    return body, 200, {"Content-Type": "text/html; charset=utf-8"}
+
+
+@app.get("/api/session")
+def get_session() -> Any:
+    return jsonify(_view())
+
+
+@app.post("/api/session")
+def post_session() -> Any:
+    body = request.get_json(force=True, silent=True) if request.get_data() else {}
+    if not isinstance(body, dict):
+        return jsonify({"error": "body must be a JSON object"}), 400
+    session.update(body)
+    return jsonify(_view())
+
+
+@app.delete("/api/session")
+def delete_session() -> Any:
+    session.invalidate()
+    return jsonify(_view())
+
+
+@app.post("/api/session/incr/<key>")
+def incr(key: str) -> Any:
+    value = session.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return jsonify({"error": f"session[{key!r}] is not an integer"}), 409
+    session[key] = value + 1
+    return jsonify(_view())
+
+
+@app.post("/api/session/rotate")
+def rotate() -> Any:
+    session.rotate()
+    return jsonify(_view())
+
+
+@app.get("/health")
+def health() -> Any:
+    return "ok", 200, {"Content-Type": "text/plain; charset=utf-8"}
+
+
+@app.get("/cluster.json")
+def cluster_json() -> Any:
+    return jsonify(clustersess.manager.status())
