@@ -7,6 +7,8 @@ teardown, even when the test failed.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +16,16 @@ import pytest
 
 from clustersess import FakeClock
 from tests.utils import TEST_SECRET, NodeProcess, RedisServer, ServerProcess
+
+
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    # When a hypothesis test fails, its report hook imports libcst (to suggest a patch),
+    # which emits a DeprecationWarning; under filterwarnings=error that turns a readable
+    # failure into a pytest INTERNALERROR. Import it here first, with the warning muted.
+    if call.excinfo is not None and hasattr(getattr(item, "obj", None), "hypothesis"):
+        with warnings.catch_warnings(), contextlib.suppress(ImportError):
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import hypothesis.extra._patching  # noqa: F401
 
 
 @pytest.fixture
