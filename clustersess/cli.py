@@ -45,8 +45,27 @@ def node(name: str, host: str, port: int, redis_url: str | None, replication: st
         sys.exit(2)
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_level=log_level, lifespan="on")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level=log_level,
+        log_config=_log_config(log_level),
+        lifespan="on",
+    )
 
+
+def _log_config(level: str) -> dict[str, object]:
+    """uvicorn's logging setup, plus the ``clustersess`` loggers on the same handler."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["clustersess"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
 
 
 @main.command()

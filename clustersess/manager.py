@@ -41,6 +41,7 @@ class Replicator(Protocol):
     async def replicate(self, entry: Entry) -> None: ...
     def touched(self, entry: Entry) -> None: ...
     def buried(self, tokens: list[str], reason: DestroyReason) -> None: ...
+    async def settle(self) -> None: ...
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -220,6 +221,8 @@ class SessionManager:
         entry = session._entry
         entry.inflight -= 1
         changed = await self._commit(entry, session)
+        if self.cluster is not None:
+            await self.cluster.settle()
         if entry.version == 0:  # nothing stored: new, or destroyed in this request
             return DELETE_COOKIE if session._killed and handle.cookie_in else None
         cookie = self._cookie_for(entry)

@@ -102,6 +102,7 @@ class ClusterNode:
         self._requeue: set[str] = set()
         self._fetches: dict[str, _Fetch] = {}
         self._acquiring: dict[str, asyncio.Future[Entry | None]] = {}
+        self._unsettled: list[asyncio.Future[int]] = []
         # incoming
         self._last_seq: dict[tuple[str, str, bool], int] = {}
         self._connected = asyncio.Event()
@@ -206,7 +207,22 @@ class ClusterNode:
         for t in tokens:
             self._touched.pop(t, None)
             self._requeue.discard(t)
-        self._send(self.ch_all, m.Invalidate(tuple(tokens), reason))
+        fut = self._send(self.ch_all, m.Invalidate(tuple(tokens), reason), counted=True)
+        assert fut is not None
+        fut.add_done_callback(_consume)
+        self._unsettled.append(fut)
+
+    async def settle(self) -> None:
+        """Wait until invalidations sent so far are published (sync mode), bounded.
+
+        A logout must reach the cluster before the user sees it succeed; otherwise an
+        owner killed right after could leave a live copy on its backup.
+        """
+        if not self._unsettled:
+            return
+        pending, self._unsettled = self._unsettled, []
+        if self.config.replication == "sync":
+            await asyncio.wait(pending, timeout=self.config.ack_timeout)
 
     def reclaim(self, entry: Entry) -> None:
         self.stats.writes_after_handoff += 1
