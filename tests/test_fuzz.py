@@ -173,3 +173,30 @@ async def test_the_victim_cookie_itself_is_adopted(site: Site, victim: tuple[str
     cookie, victim_id = victim
     status, _, body = await site.call("/read", f"JSESSIONID={cookie}".encode())
     assert status == 200 and json.loads(body)["id"] == victim_id and json.loads(body)["data"] == {"w": 1}
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(header=st.text(max_size=300))
+def test_find_cookie_returns_absent_or_a_clean_value(header: str) -> None:
+    from clustersess.cookies import find_cookie
+    from clustersess.ids import MAX_COOKIE_LENGTH
+
+    value = find_cookie(header, "JSESSIONID")
+    if value is not None:
+        assert value and value.isascii() and len(value) <= MAX_COOKIE_LENGTH
+        assert value in header
+        assert ";" not in value
+
+
+@FUZZ
+@given(cookie=st.one_of(st.text(max_size=200), st.text(cookie_alphabet, max_size=120)))
+async def test_manager_open_never_raises_and_never_adopts(site: Site, victim: tuple[str, str], cookie: str) -> None:
+    _, victim_id = victim
+    handle = await site.manager.open(cookie)
+    try:
+        if handle.session.id == victim_id:
+            assert victim[0].split(".")[0] in cookie
+        else:
+            assert handle.session.is_new and handle.session.id.split(".")[0] not in cookie
+    finally:
+        assert await site.manager.close(handle) is None

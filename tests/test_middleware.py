@@ -84,6 +84,10 @@ async def no_session(request: Request) -> Response:
     return PlainTextResponse("hello")
 
 
+async def status(request: Request) -> Response:
+    return JSONResponse(request.scope["clustersess.manager"].status())
+
+
 async def cached(request: Request) -> Response:
     request.session["x"] = 1
     return PlainTextResponse("c", headers={"cache-control": request.query_params["cc"]})
@@ -114,6 +118,7 @@ def make_app(manager: SessionManager) -> Starlette:
         Route("/rotate", rotate, methods=["POST"]),
         Route("/invalidate", invalidate, methods=["POST"]),
         Route("/plain", no_session),
+        Route("/status", status),
         Route("/cached", cached),
         Route("/boom", boom),
         WebSocketRoute("/ws", ws_endpoint),
@@ -231,12 +236,13 @@ async def test_default_cookie_attributes(h: Harness) -> None:
 
 
 async def test_configured_cookie_attributes(make: Callable[..., Awaitable[Harness]]) -> None:
-    h = await make(session_cookie="SID", https_only=True, domain="example.org", max_age=120, path="/", same_site="strict")
+    h = await make(session_cookie="SID", https_only=True, domain="example.org", max_age=120, path="/app", same_site="strict")
     resp = await h.request("POST", "/write", json={"a": 1})
     (header,) = h.set_cookies(resp)
     assert header.startswith("SID=")
     attrs = _attrs(header)
     assert "secure" in attrs and attrs["domain"] == "example.org" and attrs["max-age"] == "120"
+    assert attrs["path"] == "/app"
     assert attrs["samesite"] == "strict"
     cookie = h.cookie_value(resp)
     # Read: nothing to re-send. Write: the Max-Age is refreshed, as Starlette does.
@@ -387,6 +393,7 @@ async def test_invalidate_deletes_cookie(h: Harness, recorder: Recorder) -> None
     assert header.startswith("JSESSIONID=null;")
     assert attrs["max-age"] == "0" and "1970" in attrs["expires"] and attrs["path"] == "/"
     assert "httponly" in attrs
+    assert resp.headers["cache-control"] == "private" and "Cookie" in resp.headers.get_list("vary")
     assert (await h.request("GET", "/read", cookie)).json()["new"] is True
     assert recorder.kinds == ["created", "destroyed:invalidated"]
 
@@ -564,3 +571,11 @@ async def test_websocket_new_session_cookie_on_accept(h: Harness) -> None:
     assert len(cookies) == 1 and cookies[0].startswith("JSESSIONID=")
     value = cookies[0].split(";")[0].split("=", 1)[1]
     assert (await h.request("GET", "/read", value)).json()["data"] == {"ws": 1}
+
+
+async def test_scope_exposes_the_manager_and_its_status(h: Harness) -> None:
+    await h.request("POST", "/write", json={"a": 1})
+    status = (await h.request("GET", "/status")).json()
+    assert status["node"] == "node1" and status["clustered"] is False
+    assert status["sessions_owned"] == 1 and status["members"] == []
+    assert status["stats"]["sessions_created"] == 1

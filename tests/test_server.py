@@ -227,3 +227,75 @@ def test_secret_list_from_env_rotates_keys(node_factory: Any) -> None:
     value = resp.getheader("set-cookie").split(";")[0].split("=", 1)[1]
     assert ids.CookieSigner(("new-key",)).verify(value) is not None
     assert ids.CookieSigner(("old-key",)).verify(value) is None
+
+
+# -- a WebSocket app in a real server ------------------------------------------------------
+# The child process imports this module as "tests.test_server:ws_app".
+
+
+def _build_ws_app() -> Any:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route, WebSocketRoute
+
+    from clustersess import ClusterSessionMiddleware
+
+    async def health(request: Any) -> Any:
+        return JSONResponse({"ok": True})
+
+    async def view(request: Any) -> Any:
+        return JSONResponse({"id": request.session.id, "data": dict(request.session)})
+
+    async def ws(websocket: Any) -> None:
+        session = websocket.session
+        session["ws_visits"] = session.get("ws_visits", 0) + 1
+        await websocket.accept()
+        await websocket.send_json({"id": session.id, "data": dict(session)})
+        await websocket.close()
+
+    return Starlette(
+        routes=[Route("/health", health), Route("/view", view), WebSocketRoute("/ws", ws)],
+        middleware=[Middleware(ClusterSessionMiddleware)],
+    )
+
+
+def __getattr__(name: str) -> Any:  # build the app only when a server asks for it
+    if name == "ws_app":
+        return _build_ws_app()
+    raise AttributeError(name)
+
+
+async def test_websocket_session_on_real_server(node_factory: Any) -> None:
+    import json
+
+    from websockets.asyncio.client import connect
+
+    proc = node_factory("wsnode", app="tests.test_server:ws_app")
+    ws_url = proc.url.replace("http://", "ws://") + "/ws"
+    async with connect(ws_url, open_timeout=10) as ws:
+        first = json.loads(await ws.recv())
+        set_cookie = ws.response.headers.get("set-cookie")
+    assert first["data"] == {"ws_visits": 1}
+    assert set_cookie is not None and set_cookie.startswith("JSESSIONID=")
+    cookie = set_cookie.split(";")[0].split("=", 1)[1]
+    assert cookie.endswith(".wsnode") and cookie.split("~")[0] == first["id"].split(".")[0]
+    async with connect(ws_url, additional_headers={"Cookie": f"JSESSIONID={cookie}"}, open_timeout=10) as ws:
+        second = json.loads(await ws.recv())
+        assert ws.response.headers.get("set-cookie") is None
+    assert second == {"id": first["id"], "data": {"ws_visits": 2}}
+    async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
+        assert (await call(client, "GET", "/view", cookie)).json()["data"] == {"ws_visits": 2}
+
+
+async def test_idle_expiry_on_real_server(node_factory: Any) -> None:
+    proc = node_factory("expiring", env={"CLUSTERSESS_MAX_INACTIVE": "1"})
+    async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
+        cookie = set_cookie_value(await call(client, "POST", "/api/session", json={"a": 1}))
+        await asyncio.sleep(0.5)
+        assert (await call(client, "GET", "/api/session", cookie)).json()["data"] == {"a": 1}  # slides
+        await asyncio.sleep(0.6)
+        assert (await call(client, "GET", "/api/session", cookie)).json()["data"] == {"a": 1}
+        await asyncio.sleep(1.6)
+        view = (await call(client, "GET", "/api/session", cookie)).json()
+        assert view["new"] is True and view["data"] == {}
