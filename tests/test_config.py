@@ -204,6 +204,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
 
 
@@ -228,3 +229,13 @@ def test_cli_help_is_useful() -> None:
     assert node_help.returncode == 0
     for option in ("--name", "--port", "--host", "--redis-url", "APP"):
         assert option in node_help.stdout
+
+
+def test_console_script_is_installed() -> None:
+    import shutil
+
+    exe = shutil.which("clustersess")
+    if exe is None:
+        pytest.skip("package not installed with its console script (pip install -e .)")
+    result = subprocess.run([exe, "--help"], env=base_env(), capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0 and "node" in result.stdout

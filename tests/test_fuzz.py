@@ -148,7 +148,7 @@ async def test_cookie_shaped_garbage(site: Site, victim: tuple[str, str], before
 @FUZZ
 @given(data=st.data())
 async def test_mutated_valid_cookie(site: Site, victim: tuple[str, str], data: st.DataObject) -> None:
-    cookie, victim_id = victim
+    cookie, _ = victim
     signed, route = cookie.split(".")
     kind = data.draw(st.sampled_from(["replace", "insert", "delete", "swap-route", "truncate"]))
     pos = data.draw(st.integers(0, len(signed) - 1))

@@ -25,7 +25,9 @@ def node() -> Iterator[NodeProcess]:
         yield proc
 
 
-async def call(client: httpx.AsyncClient, method: str, path: str, cookie: str | None = None, **kw: Any) -> httpx.Response:
+async def call(
+    client: httpx.AsyncClient, method: str, path: str, cookie: str | None = None, **kw: Any
+) -> httpx.Response:
     client.cookies.clear()  # send exactly the cookie the test chose
     headers = {"cookie": f"JSESSIONID={cookie}"} if cookie is not None else {}
     return await client.request(method, path, headers=headers, **kw)

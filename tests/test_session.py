@@ -54,10 +54,14 @@ def recorder() -> Recorder:
 
 @pytest.fixture
 def manager(clock: FakeClock, recorder: Recorder) -> SessionManager:
-    return SessionManager(Config(secret_key=SECRET, node_name="node1", max_inactive=600), clock=clock, listeners=[recorder])
+    return SessionManager(
+        Config(secret_key=SECRET, node_name="node1", max_inactive=600), clock=clock, listeners=[recorder]
+    )
 
 
-async def req(manager: SessionManager, cookie: str | None, action: Callable[[Session], Any] | None = None) -> tuple[str | None, Session]:
+async def req(
+    manager: SessionManager, cookie: str | None, action: Callable[[Session], Any] | None = None
+) -> tuple[str | None, Session]:
     """One request: open, run ``action`` on the session, close. Returns (cookie out, session)."""
     handle = await manager.open(cookie)
     if action is not None:
@@ -79,7 +83,9 @@ async def test_new_session_stores_nothing_until_written(manager: SessionManager)
     assert parsed is not None and parsed.route == "node1"
 
 
-async def test_written_session_gets_a_signed_cookie_and_is_found_again(manager: SessionManager, clock: FakeClock) -> None:
+async def test_written_session_gets_a_signed_cookie_and_is_found_again(
+    manager: SessionManager, clock: FakeClock
+) -> None:
     out, s = await req(manager, None, _set(user="ann"))
     assert out is not None and out != DELETE_COOKIE
     assert manager.signer.verify(out) is not None
@@ -115,7 +121,9 @@ async def test_one_live_object_per_session(manager: SessionManager) -> None:
         pytest.param(lambda m: "garbage", id="garbage"),
     ],
 )
-async def test_strict_mode_never_adopts_a_presented_id(manager: SessionManager, make_cookie: Callable[[SessionManager], str]) -> None:
+async def test_strict_mode_never_adopts_a_presented_id(
+    manager: SessionManager, make_cookie: Callable[[SessionManager], str]
+) -> None:
     cookie = make_cookie(manager)
     presented = cookie.split("~")[0].split(".")[0]
     out, s = await req(manager, cookie, lambda s: s.get("x"))
@@ -174,7 +182,7 @@ async def test_rotate_then_write_in_same_request(manager: SessionManager) -> Non
         s.rotate()
         s["user"] = "bob"
 
-    out2, s2 = await req(manager, out, login)
+    out2, _ = await req(manager, out, login)
     assert out2 is not None and out2 != out
     _, s3 = await req(manager, out2)
     assert dict(s3) == {"a": 1, "user": "bob"}
@@ -261,10 +269,12 @@ async def test_sweep_spares_sessions_in_use(manager: SessionManager, clock: Fake
 
 
 async def test_background_sweeper_runs_between_start_and_stop(clock: FakeClock, recorder: Recorder) -> None:
-    manager = SessionManager(Config(secret_key=SECRET, max_inactive=60, sweep_interval=0.01), clock=clock, listeners=[recorder])
+    manager = SessionManager(
+        Config(secret_key=SECRET, max_inactive=60, sweep_interval=0.01), clock=clock, listeners=[recorder]
+    )
     await manager.start()
     try:
-        out, _ = await req(manager, None, _set(a=1))
+        _, _ = await req(manager, None, _set(a=1))
         clock.advance(61)
         for _ in range(200):
             if manager.status()["sessions_owned"] == 0:
@@ -318,7 +328,7 @@ async def test_read_only_request_writes_nothing(manager: SessionManager, recorde
     out, _ = await req(manager, None, _set(a={"b": [1, 2]}))
     entry = next(iter(manager.store.owned.values()))
     version, commits = entry.version, manager.stats.commits
-    out2, s = await req(manager, out, lambda s: (s["a"]["b"][0], list(s.items()), s.get("missing")))
+    out2, _ = await req(manager, out, lambda s: (s["a"]["b"][0], list(s.items()), s.get("missing")))
     assert out2 is None
     assert entry.version == version and manager.stats.commits == commits
     assert recorder.kinds() == ["created"]

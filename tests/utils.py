@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-4f1c9a2e7d3b5a60-not-for-production"
@@ -48,7 +48,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; return it, or raise TimeoutError."""
     deadline = time.monotonic() + timeout
     while True:
@@ -61,7 +63,11 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float = 10.0, interval:
 
 
 async def async_wait_until(
-    predicate: Callable[[], Any | Awaitable[Any]], *, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
+    predicate: Callable[[], Any | Awaitable[Any]],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str = "condition",
 ) -> Any:
     """Async :func:`wait_until`; ``predicate`` may be a plain or an async callable."""
     deadline = time.monotonic() + timeout
@@ -91,7 +97,9 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def http_get(url: str, *, timeout: float = 2.0, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def http_get(
+    url: str, *, timeout: float = 2.0, headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """A tiny blocking GET (no client library, no connection pool): (status, headers, body)."""
     assert url.startswith("http://"), url
     hostport, _, path = url[len("http://") :].partition("/")
@@ -115,7 +123,9 @@ class RedisServer:
     clean shutdown); ``start()`` starts it again on the SAME port, for outage tests.
     """
 
-    def __init__(self, port: int | None = None, *, executable: str | None = None, startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self, port: int | None = None, *, executable: str | None = None, startup_timeout: float = 10.0
+    ) -> None:
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.executable = executable or shutil.which("redis-server") or "redis-server"
@@ -146,7 +156,9 @@ class RedisServer:
             "--daemonize", "no",
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir
+            )
         deadline = time.monotonic() + self.startup_timeout
         while not self.ping():
             if self.proc.poll() is not None:
@@ -190,7 +202,7 @@ class RedisServer:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> RedisServer:
+    def __enter__(self) -> Self:
         if not self.running:
             self.start()
         return self
@@ -279,9 +291,13 @@ class ServerProcess:
         while not self.is_ready():
             if self.proc.poll() is not None:
                 self.returncode = self.proc.returncode
-                raise RuntimeError(f"{self.cmd[:6]} exited with {self.returncode} before it was ready:\n{self.log_text()}")
+                raise RuntimeError(
+                    f"{self.cmd[:6]} exited with {self.returncode} before it was ready:\n{self.log_text()}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.url}{self.health_path} not ready after {timeout or self.startup_timeout}s:\n{self.log_text()}")
+                raise TimeoutError(
+                    f"{self.url}{self.health_path} not ready after {timeout or self.startup_timeout}s:\n{self.log_text()}"
+                )
             time.sleep(0.05)
 
     def wait(self, timeout: float = 20.0) -> int:
@@ -319,12 +335,14 @@ class ServerProcess:
         except OSError:
             return ""
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         if self.proc is None:
             self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.kill()
         if exc_type is not None:
             # Make the server's side of the story visible in the pytest report.
@@ -371,10 +389,6 @@ class NodeProcess(ServerProcess):
         if app:
             cmd.append(app)
         super().__init__(cmd, port=port, host=host, env=base_env(extra), **kwargs)
-
-    def __enter__(self) -> NodeProcess:
-        super().__enter__()
-        return self
 
     def __repr__(self) -> str:
         return f"<NodeProcess {self.name} {self.url} pid={self.pid}>"
