@@ -96,7 +96,18 @@ class SessionManager:
         self._runner = asyncio.create_task(self._run(), name="clustersess")
         await self._started.wait()
         if self.cluster is not None:
-            await self.cluster.wait_ready()
+            try:
+                await self.cluster.wait_ready()
+            except BaseException:
+                # Do not leave background tasks behind a failed start.
+                self._runner.cancel()
+                try:
+                    await self._runner
+                except asyncio.CancelledError:
+                    pass
+                self._runner = None
+                self._started.clear()
+                raise
 
     async def stop(self) -> None:
         """Hand sessions over (when clustered) and stop every background task."""
