@@ -11,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from typing import Any, ClassVar
+
+from ..config import ROUTE_RE
+from ..ids import TOKEN_RE
 
 PROTOCOL_VERSION = 1
 
@@ -42,14 +46,20 @@ def _get(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
 
 def _num(body: dict[str, Any], key: str) -> float:
     value = _get(body, key, (int, float))
-    if isinstance(value, bool) or value != value:  # NaN
-        raise Malformed(f"field {key!r} must be a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float: not ValueError, would escape decode()
+        raise Malformed(f"field {key!r} is out of range") from None
+    # NaN and Infinity are valid JSON to Python; an infinite last-access time never expires.
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise Malformed(f"field {key!r} must be a finite number")
+    return number
 
 
 def _token(body: dict[str, Any], key: str = "k") -> str:
     value = _get(body, key, str)
-    if not (1 <= len(value) <= 64) or not value.replace("-", "").replace("_", "").isalnum():
+    # ids owns the format; str.isalnum() would also pass non-ASCII letters and digits
+    if not TOKEN_RE.fullmatch(value):
         raise Malformed("bad token")
     return value
 
@@ -92,9 +102,12 @@ class SessionState:
                 raise Malformed("session data must be a JSON object")
         except ValueError:
             raise Malformed("session data is not JSON") from None
+        owner = _get(body, "o", str)
+        if not ROUTE_RE.fullmatch(owner):  # it ends the session ID (Entry.session_id asserts)
+            raise Malformed("owner must be a node name")
         state = cls(
             _token(body),
-            _get(body, "o", str),
+            owner,
             _get(body, "e", int),
             _get(body, "n", int),
             _num(body, "c"),
@@ -302,7 +315,8 @@ class Envelope:
     def from_json(cls, raw: Any) -> Envelope:
         if not isinstance(raw, dict):
             raise Malformed("message must be a JSON object")
-        if raw.get("v") != PROTOCOL_VERSION:
+        version = raw.get("v")
+        if type(version) is not int or version != PROTOCOL_VERSION:  # True == 1 and 1.0 == 1
             raise Malformed(f"unsupported protocol version {raw.get('v')!r}")
         try:
             kind = MsgType(raw.get("t"))
