@@ -11,6 +11,7 @@ that edits it merely asks another node to take the session over, which any node 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets
 from typing import NamedTuple
@@ -79,8 +80,9 @@ class CookieSigner:
     def __init__(self, secret_keys: tuple[str, ...], *, salt: str = "clustersess.cookie") -> None:
         assert secret_keys, "Config guarantees at least one key"
         kw = {"salt": salt, "sep": SIGN_SEP, "digest_method": hashlib.sha256}
-        self._current = itsdangerous.Signer(secret_keys[-1], **kw)  # type: ignore[arg-type]
-        self._all = itsdangerous.Signer(list(secret_keys), **kw)  # type: ignore[arg-type]
+        # Newest key first: it signs, and it is tried first when verifying.
+        self._signers = [itsdangerous.Signer(key, **kw) for key in reversed(secret_keys)]  # type: ignore[arg-type]
+        self._current = self._signers[0]
         self._cache: dict[str, Verified] = {}
         self._issued: dict[tuple[str, str], str] = {}
 
@@ -107,10 +109,13 @@ class CookieSigner:
         if m is None:
             return None
         token, sig, route = m.groups()
-        if self._current.verify_signature(token.encode("ascii"), sig.encode("ascii")):
-            result = Verified(token, route, False)
-        elif self._all.verify_signature(token.encode("ascii"), sig.encode("ascii")):
-            result = Verified(token, route, True)
+        raw_token, raw_sig = token.encode("ascii"), sig.encode("ascii")
+        for i, signer in enumerate(self._signers):
+            # Compare encoded signatures, not decoded bytes: base64 would also accept
+            # non-canonical spellings of the same digest.
+            if hmac.compare_digest(signer.get_signature(raw_token), raw_sig):
+                result = Verified(token, route, i > 0)
+                break
         else:
             return None
         self._remember(value, result)
