@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import http.client
 import json
 import os
@@ -124,7 +125,7 @@ def _redact(url: str) -> str:
 def redis_version(binary: str) -> str:
     """``7.0.15`` from ``redis-server --version``, or ``""``."""
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=5, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
     m = re.search(r"v=(\S+)", out)
@@ -247,14 +248,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Demo:
     """Runs the demo cluster until a stop signal; :meth:`run` returns the exit code."""
 
-    def __init__(self, options: DemoOptions, *, out: TextIO | None = None, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, options: DemoOptions, *, out: TextIO | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
         self.options = options
         self.out = out or sys.stdout
         self.env = dict(os.environ if env is None else env)
         self.live = self.out.isatty() if options.live is None else options.live
         self.children: list[Child] = []
         self.nodes: list[tuple[str, int, Child]] = []
-        self.balancer: tuple[str, Child] | None = None
+        self.balancer: tuple[lb.Kind, Child] | None = None
+        self.redis: Child | None = None
         self.redis_url = ""
         self.redis_text = ""
         self.stopping = threading.Event()
@@ -281,10 +285,10 @@ class Demo:
             self._stop_all()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if code == 0:
-                shutil.rmtree(self.rundir, ignore_errors=True)
-            else:
+            if code != 0 and any(self.rundir.glob("*.log")):
                 self._say(f"logs kept in {self.rundir}")
+            else:
+                shutil.rmtree(self.rundir, ignore_errors=True)
         return code
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -307,19 +311,24 @@ class Demo:
                 # Own session: Ctrl-C reaches only the demo, which then stops the children
                 # in order instead of every process dying at once.
                 start_new_session=True,
-                preexec_fn=_die_with_parent(os.getpid()),
+                # The demo has no threads, so preexec_fn is safe here.
+                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
             )
         child = Child(name, proc, log_path)
         self.children.append(child)
         return child
 
-    def _wait(self, what: str, ready: Callable[[], bool], child: Child | None, timeout: float = STARTUP_TIMEOUT) -> None:
+    def _wait(
+        self, what: str, ready: Callable[[], bool], child: Child | None, timeout: float = STARTUP_TIMEOUT
+    ) -> None:
         deadline = time.monotonic() + timeout
         while not ready():
             if self.stopping.is_set():
                 raise _Interrupted
             if child is not None and not child.alive():
-                raise DemoError(f"{what} {child.exit_text()} while starting; its log ({child.log_path}):\n{child.log_tail()}")
+                raise DemoError(
+                    f"{what} {child.exit_text()} while starting; its log ({child.log_path}):\n{child.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 raise DemoError(f"{what} was not ready after {timeout:.0f}s")
             time.sleep(0.05)
@@ -331,10 +340,9 @@ class Demo:
             self._say()
         self._say("stopping: " + ", ".join(c.name for c in reversed(self.children) if c.alive()))
         # Load balancer first (no new requests), then the nodes together, then Redis.
-        order = [c for c in self.children if c.name not in {n for n, _, _ in self.nodes} and c.name != "redis"]
         nodes = [c for _, _, c in self.nodes]
-        redis = [c for c in self.children if c.name == "redis"]
-        for group in (order, nodes, redis):
+        first = [c for c in self.children if c not in nodes and c is not self.redis]
+        for group in (first, nodes, [self.redis] if self.redis else []):
             for child in group:
                 child.terminate()
             for child in group:
@@ -347,14 +355,14 @@ class Demo:
         opts = self.options
         kind = self._choose_lb()
         ports = [opts.node_port(i) for i in range(1, opts.nodes + 1)] + ([opts.balancer_port] if kind else [])
+        if len(set(ports)) != len(ports):
+            raise DemoError(f"--lb-port {opts.balancer_port} collides with a node port")
         busy = [p for p in ports if not port_free(opts.host, p)]
         if busy:
             raise DemoError(
                 f"port(s) {', '.join(map(str, busy))} on {opts.host} are in use (another demo running?); "
                 "choose others with --port-base / --lb-port"
             )
-        if len(set(ports)) != len(ports):
-            raise DemoError(f"--lb-port {opts.balancer_port} collides with a node port")
 
         secret = self.env.get("CLUSTERSESS_SECRET")
         self.secret_text = "from CLUSTERSESS_SECRET"
@@ -366,12 +374,17 @@ class Demo:
 
         for i in range(1, opts.nodes + 1):
             name, port = f"node{i}", opts.node_port(i)
-            env = {**self.env, "CLUSTERSESS_SECRET": secret, "CLUSTERSESS_REDIS_URL": self.redis_url, "CLUSTERSESS_NODE": name}
+            env = {
+                **self.env,
+                "CLUSTERSESS_SECRET": secret,
+                "CLUSTERSESS_REDIS_URL": self.redis_url,
+                "CLUSTERSESS_NODE": name,
+            }
             cmd = [sys.executable, "-m", "clustersess.cli", "node", "--name", name, "--host", opts.host,
                    "--port", str(port), "--log-level", "warning"]  # fmt: skip
             self.nodes.append((name, port, self._spawn(name, cmd, env)))
         for name, port, child in self.nodes:
-            self._wait(name, lambda p=port: _healthy(opts.host, p), child)
+            self._wait(name, functools.partial(_healthy, opts.host, port), child)
 
         if kind:
             self._start_balancer(kind)
@@ -387,7 +400,9 @@ class Demo:
             self.lb_note = "no HAProxy or nginx installed (apt-get install haproxy): open the nodes directly"
             return None
         if not lb.find(choice):
-            raise DemoError(f"--lb {choice}: no {choice} binary found; install it (apt-get install {choice}) or use --lb auto")
+            raise DemoError(
+                f"--lb {choice}: no {choice} binary found; install it (apt-get install {choice}) or use --lb auto"
+            )
         return choice
 
     def _start_redis(self) -> None:
@@ -400,9 +415,22 @@ class Demo:
         port = free_port()
         child = self._spawn(
             "redis",
-            [plan.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.rundir)],
+            [
+                plan.binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.rundir),
+            ],
         )
         self._wait("redis-server", lambda: redis_ping(port), child)
+        self.redis = child
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         version = redis_version(plan.binary)
         self.redis_text = f"{plan.description}, Redis {version or '?'} on port {port}"
@@ -429,7 +457,10 @@ class Demo:
     def _banner(self) -> None:
         opts = self.options
         say = self._say
-        say(f"clustersess demo: {opts.nodes} node(s)" + (f" behind {LB_LABEL[self.balancer[0]]}" if self.balancer else ""))
+        say(
+            f"clustersess demo: {opts.nodes} node(s)"
+            + (f" behind {LB_LABEL[self.balancer[0]]}" if self.balancer else "")
+        )
         say(f"  Redis:  {self.redis_text}")
         say(f"  Secret: {self.secret_text}")
         say(f"  Logs:   {self.rundir}/")
@@ -476,6 +507,10 @@ class Demo:
                 str(status.get("sessions_backed_up", "?")),
                 _members_text(status.get("members")),
             ))  # fmt: skip
+        if self.balancer is not None:
+            kind, child = self.balancer
+            state = "up" if child.alive() else f"down ({child.exit_text()})"
+            rows.append((LB_LABEL[kind], str(child.pid), state, "", "", ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 

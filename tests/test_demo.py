@@ -73,7 +73,9 @@ def test_demo_runs_nodes_and_balancer_and_sigint_stops_everything() -> None:
         pytest.skip("haproxy is not installed (.ci/run installs it)")
     base = _free_base(2)
     cmd = [sys.executable, "-m", "clustersess.cli", "demo", "--nodes", "2", "--lb", "haproxy", "--port-base", str(base)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=base_env(), text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=base_env(), text=True
+    )
     lines: list[str] = []
     ready = threading.Event()
 
