@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any, Literal, TextIO
 
 from . import lb
+from .errors import ClusterSessError
 
 LbChoice = Literal["auto", "haproxy", "nginx", "none"]
 LB_LABEL = {"haproxy": "HAProxy", "nginx": "nginx"}
@@ -40,7 +41,7 @@ STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 1.0
 
 
-class DemoError(Exception):
+class DemoError(ClusterSessError):
     """The demo cannot start; the message says what to do about it."""
 
 
