@@ -58,6 +58,9 @@ class Membership:
         self.members: dict[str, Member] = {}
         #: newest incarnation seen per name, so messages from a past life are refused
         self.incarnations: dict[str, str] = {}
+        #: (name, incarnation) that left cleanly: what it still sends (an ack, a late
+        #: heartbeat) must not make it a member again, or we would pick it as a backup
+        self.left: set[tuple[str, str]] = set()
 
     def heard(self, name: str, incarnation: str, now: float) -> tuple[bool, Member | None]:
         """Record a sign of life. Returns (is_new_member, replaced_member_or_None).
@@ -65,7 +68,7 @@ class Membership:
         A message from an older incarnation than one already seen is not a sign of life.
         """
         known = self.incarnations.get(name)
-        if known is not None and incarnation < known:
+        if (known is not None and incarnation < known) or (name, incarnation) in self.left:
             return False, None
         replaced = None
         member = self.members.get(name)
@@ -86,6 +89,11 @@ class Membership:
 
     def remove(self, name: str) -> Member | None:
         return self.members.pop(name, None)
+
+    def leave(self, name: str, incarnation: str) -> Member | None:
+        """``name`` said goodbye: that incarnation is gone for good."""
+        self.left.add((name, incarnation))
+        return self.remove(name)
 
     def expire(self, now: float) -> list[Member]:
         """Drop members not heard from for ``drop_time``; returns them."""

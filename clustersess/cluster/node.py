@@ -512,7 +512,7 @@ class ClusterNode:
             self._send(self.channel(src), m.Resync())
         body = env.body
         if isinstance(body, m.Leave):
-            if self.members.remove(src) is not None:
+            if self.members.leave(src, env.inc) is not None:
                 self._member_lost(src, "left")
             return
         is_new, replaced = self.members.heard(src, env.inc, time.monotonic())

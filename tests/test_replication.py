@@ -1,0 +1,537 @@
+"""Replication, takeover, invalidation, hand-off and adoption, in memory and fast.
+
+Several real :class:`SessionManager` instances are wired through
+:class:`clustersess.cluster.MemoryBus` (the same transport interface as Redis) with short
+heartbeat and drop times, and share a :class:`FakeClock` where session time matters.
+They complement, not replace, the real-process tests in ``test_cluster.py``.
+
+``Cluster`` and ``Peer`` are also used by ``test_wire.py`` and ``test_membership.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from clustersess import Config, FakeClock, SessionEvent, SessionListener, SessionManager
+from clustersess.cluster import MemoryBus
+from clustersess.cluster import messages as m
+from clustersess.cluster.membership import new_incarnation, pick_backup
+from clustersess.cluster.wire import Codec
+from clustersess.manager import DELETE_COOKIE
+from clustersess.session import Entry
+from tests.utils import TEST_SECRET, async_wait_until
+
+pytestmark = pytest.mark.timeout(30)
+
+#: short membership timing so failures are detected in a fraction of a second
+FAST: dict[str, Any] = dict(
+    secret_key=TEST_SECRET, heartbeat_interval=0.03, drop_time=0.2, ack_timeout=0.3, max_inactive=600.0
+)
+
+
+async def eventually(predicate: Callable[[], Any], *, timeout: float = 3.0, what: str = "condition") -> Any:
+    return await async_wait_until(predicate, timeout=timeout, interval=0.005, what=what)
+
+
+async def delivered() -> None:
+    """Let the bus deliver what was injected (it schedules callbacks with call_soon)."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+class Cluster:
+    """Managers on one in-memory bus and one fake clock."""
+
+    def __init__(self) -> None:
+        self.bus = MemoryBus()
+        self.clock = FakeClock()
+        self.nodes: dict[str, SessionManager] = {}
+
+    async def add(self, name: str, *, listeners: list[SessionListener] | None = None, **options: Any) -> SessionManager:
+        config = Config(node_name=name, **{**FAST, **options})
+        manager = SessionManager(config, clock=self.clock, transport=self.bus.transport(), listeners=listeners)
+        await manager.start()
+        self.nodes[name] = manager
+        return manager
+
+    async def start(self, *names: str, **options: Any) -> list[SessionManager]:
+        managers = [await self.add(n, **options) for n in names]
+        await self.joined()
+        return managers
+
+    async def joined(self) -> None:
+        """Wait until every running node lists every other one as a member."""
+        names = set(self.nodes)
+
+        def complete() -> bool:
+            return all(set(mg.cluster.members.live()) == names - {n} for n, mg in self.nodes.items() if mg.cluster)
+
+        await eventually(complete, what=f"membership {sorted(names)}")
+
+    async def crash(self, name: str) -> None:
+        """Stop a node's tasks without a hand-off or a LEAVE, like SIGKILL."""
+        manager = self.nodes.pop(name)
+        assert manager._runner is not None
+        manager._runner.cancel()
+        try:
+            await manager._runner
+        except asyncio.CancelledError:
+            pass
+        manager._runner = None
+
+    async def stop(self, name: str) -> None:
+        await self.nodes.pop(name).stop()
+
+    async def close(self) -> None:
+        for name in list(self.nodes):
+            await self.crash(name)
+
+    def holders(self, token: str) -> dict[str, str]:
+        """Where copies of ``token`` live: node -> "owned" / "backup"."""
+        out = {}
+        for name, mg in self.nodes.items():
+            if token in mg.store.owned:
+                out[name] = "owned"
+            elif token in mg.store.backups:
+                out[name] = "backup"
+        return out
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+class Peer:
+    """A cluster member that is only a codec and a channel: it sends crafted messages and
+    records what it is sent, to drive a node's receive path message by message."""
+
+    def __init__(self, bus: MemoryBus, name: str = "mallory", *, secret: str = TEST_SECRET, cluster: str = "clustersess"):
+        self.bus = bus
+        self.name = name
+        self.codec = Codec((secret,))
+        self.incarnation = new_incarnation()
+        self.prefix = cluster
+        self.seq: dict[str, int] = {}
+        self.received: list[m.Envelope] = []
+        bus.subscribers.setdefault(self.channel(name), []).append(self._receive)
+
+    def channel(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}"
+
+    @property
+    def all(self) -> str:
+        return f"{self.prefix}:all"
+
+    def _receive(self, channel: str, raw: bytes) -> None:
+        self.received.append(self.codec.decode(raw))
+
+    def encode(self, channel: str, body: m.Body, *, seq: int | None = None, inc: str | None = None) -> bytes:
+        if seq is None:
+            seq = self.seq.get(channel, 0) + 1
+        self.seq[channel] = max(seq, self.seq.get(channel, 0))
+        return self.codec.encode(m.Envelope(self.name, inc or self.incarnation, seq, body))
+
+    async def send(self, channel: str, body: m.Body, **kw: Any) -> bytes:
+        raw = self.encode(channel, body, **kw)
+        assert self.bus.inject(channel, raw) >= 1, f"nobody listens on {channel}"
+        await delivered()
+        return raw
+
+    def got(self, kind: type[m.Body]) -> list[Any]:
+        return [e.body for e in self.received if isinstance(e.body, kind)]
+
+
+class Recorder(SessionListener):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, SessionEvent, str | None]] = []
+
+    def created(self, event: SessionEvent) -> None:
+        self.events.append(("created", event, None))
+
+    def changed(self, event: SessionEvent) -> None:
+        self.events.append(("changed", event, None))
+
+    def destroyed(self, event: SessionEvent, reason: str) -> None:  # type: ignore[override]
+        self.events.append(("destroyed", event, reason))
+
+
+async def write(manager: SessionManager, cookie: str | None, **data: Any) -> str:
+    """One request that sets ``data``; returns the cookie the client then holds."""
+    handle = await manager.open(cookie)
+    handle.session.update(data)
+    new = await manager.close(handle)
+    return new or cookie or ""
+
+
+async def read(manager: SessionManager, cookie: str) -> tuple[dict[str, Any], bool, str]:
+    """One read-only request: (data, is_new, cookie the client then holds)."""
+    handle = await manager.open(cookie)
+    data, new = dict(handle.session), handle.session.is_new
+    out = await manager.close(handle)
+    return data, new, out or cookie
+
+
+def token_of(manager: SessionManager, cookie: str) -> str:
+    verified = manager.signer.verify(cookie)
+    assert verified is not None
+    return verified.token
+
+
+def route_of(cookie: str) -> str:
+    return cookie.rpartition(".")[2]
+
+
+# -- replication ----------------------------------------------------------------------------
+async def test_commit_replicates_full_state_to_the_one_rendezvous_backup(cluster: Cluster) -> None:
+    n1, _, _ = await cluster.start("n1", "n2", "n3")
+    cookie = await write(n1, None, cart=[1, 2], user="ann")
+    token = token_of(n1, cookie)
+    backup = pick_backup(token, ["n2", "n3"])
+    # sync mode: when close() returns the backup has applied it
+    assert cluster.holders(token) == {"n1": "owned", backup: "backup"}
+    copy = cluster.nodes[backup].store.backups[token]
+    assert (copy.owner, copy.epoch, copy.version) == ("n1", 0, 1)
+    assert json.loads(copy.payload) == {"cart": [1, 2], "user": "ann"}
+    assert n1.store.owned[token].backup == backup
+
+    await write(n1, cookie, user="bob")
+    copy = cluster.nodes[backup].store.backups[token]
+    assert copy.version == 2 and json.loads(copy.payload) == {"cart": [1, 2], "user": "bob"}
+    # a read-only request sends no REPLICATE
+    sent = n1.stats.replications_sent
+    assert (await read(n1, cookie))[0]["user"] == "bob"
+    assert n1.stats.replications_sent == sent
+
+
+def delay_deliveries(cluster: Cluster, name: str, seconds: float | None) -> None:
+    """Deliver messages to ``name``'s own channel late (``None``: never)."""
+    channel = cluster.nodes[name].cluster.ch_me  # type: ignore[union-attr]
+    subs = cluster.bus.subscribers[channel]
+    [real] = subs
+    loop = asyncio.get_running_loop()
+
+    def late(ch: str, data: bytes) -> None:
+        if seconds is not None:
+            loop.call_later(seconds, real, ch, data)
+
+    subs[:] = [late]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_sync_mode_waits_for_the_ack_async_does_not(cluster: Cluster, mode: str) -> None:
+    n1, n2 = await cluster.start("n1", "n2", replication=mode, ack_timeout=2.0)
+    delay_deliveries(cluster, "n2", 0.15)
+    started = time.perf_counter()
+    cookie = await write(n1, None, a=1)
+    took = time.perf_counter() - started
+    token = token_of(n1, cookie)
+    if mode == "sync":
+        assert 0.15 <= took < 1.0, took
+        assert token in n2.store.backups  # the ack came after the copy was applied
+    else:
+        assert took < 0.1, took
+        assert token not in n2.store.backups
+        await eventually(lambda: token in n2.store.backups, what="async replication")
+    assert n1.stats.ack_timeouts == 0
+
+
+async def test_missing_ack_returns_after_ack_timeout_and_requeues(cluster: Cluster) -> None:
+    n1, n2 = await cluster.start("n1", "n2", ack_timeout=0.2)
+    delay_deliveries(cluster, "n2", None)  # subscribed, but drops everything sent to it
+    started = time.perf_counter()
+    cookie = await write(n1, None, a=1)
+    took = time.perf_counter() - started
+    assert 0.2 <= took < 0.2 + 0.25, took
+    assert n1.stats.ack_timeouts == 1
+    token = token_of(n1, cookie)
+    assert token not in n2.store.backups
+    # once messages flow again the heartbeat re-sends it
+    cluster.bus.subscribers[n2.cluster.ch_me][:] = [n2.cluster._on_message]  # type: ignore[union-attr]
+    await eventually(lambda: token in n2.store.backups, what="re-replication after a missed ack")
+
+
+async def test_bus_down_commit_is_prompt_and_session_rereplicated_after(cluster: Cluster) -> None:
+    n1, n2 = await cluster.start("n1", "n2", ack_timeout=0.3)
+    cookie = await write(n1, None, v=1)
+    token = token_of(n1, cookie)
+    assert n2.store.backups[token].version == 1
+
+    cluster.bus.down = True
+    for when in ("at once", "once disconnected"):
+        started = time.perf_counter()
+        await write(n1, cookie, v=when)
+        took = time.perf_counter() - started
+        assert took < 0.3 + 0.1, (when, took)
+        await eventually(lambda: not n1.cluster.transport.connected)  # type: ignore[union-attr]
+    started = time.perf_counter()
+    other = await write(n1, None, new=True)  # a session born during the outage
+    assert time.perf_counter() - started < 0.4
+    assert n1.store.owned[token].version == 3
+    assert n2.store.backups[token].version == 1  # nothing got through
+    assert n1.stats.publish_errors >= 1
+
+    cluster.bus.down = False
+    await eventually(lambda: token in n2.store.backups and n2.store.backups[token].version == 3, what="resend")
+    assert json.loads(n2.store.backups[token].payload) == {"v": "once disconnected"}
+    await eventually(lambda: token_of(n1, other) in n2.store.backups, what="resend of the session born offline")
+    assert n1.stats.redis_reconnects == 1
+
+
+async def test_listeners_fire_on_the_backup_only_when_asked(cluster: Cluster) -> None:
+    heard, quiet = Recorder(), Recorder()
+    n1 = await cluster.add("n1", notify_listeners_on_replication=True)
+    await cluster.add("n2", listeners=[heard], notify_listeners_on_replication=True)
+    await cluster.add("n3", listeners=[quiet])  # default: no events for copies
+    await cluster.joined()
+    # one session backed up on each of n2 and n3
+    cookies: dict[str, str] = {}
+    while len(cookies) < 2:
+        cookie = await write(n1, None, step=1)
+        cookies.setdefault(pick_backup(token_of(n1, cookie), ["n2", "n3"]), cookie)
+    await write(n1, cookies["n2"], step=2)
+    await write(n1, cookies["n3"], step=2)
+    for cookie in cookies.values():
+        handle = await n1.open(cookie)
+        handle.session.invalidate()
+        assert await n1.close(handle) == DELETE_COOKIE
+
+    session_id = f"{token_of(n1, cookies['n2'])}.n1"
+    # (the loop above may have made extra sessions; follow the one backed up on n2)
+    mine = [(kind, e.session_id, e.node, e.replicated, e.data, why) for kind, e, why in heard.events]
+    assert [event for event in mine if event[1] == session_id] == [
+        ("created", session_id, "n2", True, {"step": 1}, None),
+        ("changed", session_id, "n2", True, {"step": 2}, None),
+        ("destroyed", session_id, "n2", True, {"step": 2}, "invalidated"),
+    ]
+    assert quiet.events == []
+
+
+# -- takeover -------------------------------------------------------------------------------
+def copy_of(cluster: Cluster, token: str, owner: str, epoch: int, version: int, data: dict[str, Any]) -> Entry:
+    now = cluster.clock.time()
+    return Entry(
+        token=token, owner=owner, created=now - 10, last_accessed=now, epoch=epoch, version=version,
+        payload=json.dumps(data, separators=(",", ":")).encode(),
+    )
+
+
+@pytest.mark.parametrize(
+    "copies, winner",
+    [
+        # node: (table, epoch, version)
+        ({"n2": ("owned", 2, 5), "n3": ("backups", 2, 4)}, "n2"),  # same epoch: higher version
+        ({"n2": ("backups", 1, 9), "n3": ("backups", 2, 1)}, "n3"),  # the epoch counts first
+        ({"n1": ("backups", 3, 1), "n2": ("owned", 2, 8)}, "n1"),  # our own copy is the newest
+        ({"n2": ("owned", 0, 1), "n3": ("owned", 4, 2), "n1": ("backups", 4, 1)}, "n3"),
+    ],
+    ids=["version", "epoch", "local", "three"],
+)
+async def test_takeover_picks_the_newest_epoch_then_version(
+    cluster: Cluster, copies: dict[str, tuple[str, int, int]], winner: str
+) -> None:
+    n1, _, _ = await cluster.start("n1", "n2", "n3")
+    token = token_of(n1, await write(n1, None, probe=1))
+    for mg in cluster.nodes.values():  # forget the probe; plant the crafted copies
+        mg.store.owned.pop(token, None)
+        mg.store.backups.pop(token, None)
+    for node, (table, epoch, version) in copies.items():
+        entry = copy_of(cluster, token, node, epoch, version, {"from": node, "e": epoch, "n": version})
+        getattr(cluster.nodes[node].store, table)[token] = entry
+    cookie = n1.signer.cookie_value(token, "n2")  # the client was last served by n2
+
+    data, new, cookie = await read(n1, cookie)
+    _, epoch, version = copies[winner]
+    assert not new
+    assert data == {"from": winner, "e": epoch, "n": version}
+    assert route_of(cookie) == "n1"
+    entry = n1.store.owned[token]
+    assert (entry.epoch, entry.version, entry.owner) == (epoch + 1, version, "n1")
+    assert n1.stats.takeovers == 1
+    # the others gave up ownership; the new backup gets the new epoch
+    assert [n for n, mg in cluster.nodes.items() if token in mg.store.owned] == ["n1"]
+    backup = cluster.nodes[entry.backup]  # type: ignore[index]
+    await eventually(lambda: token in backup.store.backups and backup.store.backups[token].epoch == epoch + 1)
+    # and a write there lands on top of the winner's data
+    await write(n1, cookie, more=True)
+    assert json.loads(backup.store.backups[token].payload) == {"from": winner, "e": epoch, "n": version, "more": True}
+
+
+async def test_request_on_another_node_takes_over_and_round_robin_keeps_counting(cluster: Cluster) -> None:
+    nodes = await cluster.start("n1", "n2", "n3")
+    cookie = await write(nodes[0], None, n=0)
+    for i in range(1, 13):
+        node = nodes[i % 3]
+        handle = await node.open(cookie)
+        assert not handle.session.is_new
+        handle.session["n"] += 1
+        cookie = await node.close(handle) or cookie
+        assert route_of(cookie) == node.node
+    assert (await read(nodes[0], cookie))[0] == {"n": 12}
+    token = token_of(nodes[0], cookie)
+    assert sum(token in mg.store.owned for mg in nodes) == 1
+
+
+# -- invalidation and expiry ----------------------------------------------------------------
+async def test_invalidate_tombstones_everywhere_and_late_replicate_is_dropped(cluster: Cluster) -> None:
+    n1, n2, n3 = await cluster.start("n1", "n2", "n3")
+    cookie = await write(n1, None, secret="x")
+    token = token_of(n1, cookie)
+    assert len(cluster.holders(token)) == 2
+    handle = await n1.open(cookie)
+    handle.session.invalidate()
+    assert await n1.close(handle) == DELETE_COOKIE
+    # sync mode: the INVALIDATE is published before close() returns; delivery is immediate
+    await delivered()
+    now = cluster.clock.time()
+    for mg in (n1, n2, n3):
+        assert mg.store.is_dead(token, now), mg.node
+    assert cluster.holders(token) == {}
+
+    # a REPLICATE that was in flight (or replayed by someone with the key) arrives late
+    peer = Peer(cluster.bus)
+    late = m.SessionState(token, "n1", 7, 9, now - 5, now, '{"secret":"x"}')
+    for mg in (n1, n2, n3):
+        stale = mg.stats.messages_dropped_stale
+        await peer.send(peer.channel(mg.node), m.Replicate((late,)))
+        assert mg.stats.messages_dropped_stale == stale + 1
+    assert cluster.holders(token) == {}
+    # ...and so does a handed-off copy
+    await peer.send(peer.channel("n2"), m.Replicate((late,), handoff=True))
+    assert cluster.holders(token) == {}
+
+    # the old cookie gets a fresh, empty session on every node
+    for mg in (n1, n2, n3):
+        data, new, _ = await read(mg, cookie)
+        assert new and data == {}, mg.node
+
+    # tombstones outlive max_inactive, then the sweeper clears them
+    cluster.clock.advance(600.0 + 59.0)
+    for mg in (n1, n2, n3):
+        mg.sweep()
+        assert token in mg.store.tombstones
+    cluster.clock.advance(2.0)
+    for mg in (n1, n2, n3):
+        mg.sweep()
+        assert token not in mg.store.tombstones
+
+
+async def test_rotate_kills_the_old_token_on_every_node(cluster: Cluster) -> None:
+    n1, n2, n3 = await cluster.start("n1", "n2", "n3")
+    old = await write(n1, None, user="ann")
+    handle = await n1.open(old)
+    handle.session.rotate()
+    new = await n1.close(handle)
+    assert new and token_of(n1, new) != token_of(n1, old)
+    await delivered()
+    for mg in (n1, n2, n3):
+        assert mg.store.is_dead(token_of(n1, old), cluster.clock.time())
+    assert len(cluster.holders(token_of(n1, new))) == 2
+    assert (await read(n2, new))[0] == {"user": "ann"}
+    data, is_new, _ = await read(n3, old)
+    assert is_new and data == {}
+
+
+async def test_expiry_is_broadcast_and_reads_keep_the_backup_alive(cluster: Cluster) -> None:
+    listener = Recorder()
+    # max_inactive is fake time; the owner's coalesced ACCESSED flush runs every 50 ms
+    n1 = await cluster.add("n1", max_inactive=0.4, sweep_interval=3600)
+    n2 = await cluster.add("n2", max_inactive=0.4, sweep_interval=3600, listeners=[listener],
+                           notify_listeners_on_replication=True)
+    await cluster.joined()
+    cookie = await write(n1, None, a=1)
+    token = token_of(n1, cookie)
+    for _ in range(3):  # 0.9 s of fake time, read every 0.3 s: never idle for 0.4 s
+        cluster.clock.advance(0.3)
+        await read(n1, cookie)
+        accessed = cluster.clock.time()
+        await eventually(lambda: n2.store.backups[token].last_accessed == accessed, what="ACCESSED")
+        n2.sweep()
+        assert token in n2.store.backups
+    cluster.clock.advance(0.5)
+    n1.sweep()  # the owner expires it and tells the cluster
+    await eventually(lambda: token not in n2.store.backups, what="expiry broadcast")
+    assert n2.store.is_dead(token, cluster.clock.time())
+    assert [(k, why) for k, _, why in listener.events] == [("created", None), ("destroyed", "expired")]
+    assert (await read(n2, cookie))[1]  # new session
+
+
+async def test_a_backup_copy_expires_by_itself_when_the_owner_is_silent(cluster: Cluster) -> None:
+    n1, n2 = await cluster.start("n1", "n2", max_inactive=10.0, sweep_interval=3600)
+    token = token_of(n1, await write(n1, None, a=1))
+    cluster.clock.advance(9.0)
+    n2.sweep()
+    assert token in n2.store.backups
+    cluster.clock.advance(2.0)
+    n2.sweep()
+    assert token not in n2.store.backups
+
+
+# -- hand-off and adoption ------------------------------------------------------------------
+async def test_stop_hands_every_session_to_its_backup(cluster: Cluster) -> None:
+    n1, n2, n3 = await cluster.start("n1", "n2", "n3")
+    cookies = [await write(n1, None, i=i) for i in range(12)]
+    tokens = [token_of(n1, c) for c in cookies]
+    backups = {t: n1.store.owned[t].backup for t in tokens}
+    started = time.perf_counter()
+    await cluster.stop("n1")
+    assert time.perf_counter() - started < 0.5
+    assert n1.stats.handed_over == 12
+    await eventually(lambda: all(t in cluster.nodes[backups[t]].store.owned for t in tokens), what="adoption")  # type: ignore[index]
+    for t in tokens:
+        owner = cluster.nodes[backups[t]]  # type: ignore[index]
+        assert owner.store.owned[t].epoch == 1
+        assert owner.store.owned[t].backup != "n1"  # never the node that is leaving
+        other = n3 if owner is n2 else n2
+        await eventually(lambda: t in other.store.backups and other.store.backups[t].epoch == 1, what="new backup")
+    assert n2.stats.adopted + n3.stats.adopted == 12
+    for i, cookie in enumerate(cookies):
+        owner = cluster.nodes[backups[tokens[i]]]  # type: ignore[index]
+        data, new, after = await read(owner, cookie)
+        assert (data, new) == ({"i": i}, False)
+        assert route_of(after) == owner.node  # the cookie names the new owner
+    assert "n1" not in n2.cluster.members.live()  # type: ignore[union-attr]
+
+
+async def test_backup_adopts_the_sessions_of_a_dead_owner_and_survives_a_second_failure(cluster: Cluster) -> None:
+    n1, n2, n3 = await cluster.start("n1", "n2", "n3")
+    cookies = [await write(n1, None, i=i) for i in range(12)]
+    tokens = [token_of(n1, c) for c in cookies]
+    await cluster.crash("n1")
+    started = time.perf_counter()
+    await eventually(lambda: all(t in n2.store.owned or t in n3.store.owned for t in tokens), what="adoption")
+    took = time.perf_counter() - started
+    assert 0.1 < took < 1.5, took  # noticed after the drop time (0.2 s), not at once
+    assert n2.stats.adopted + n3.stats.adopted == 12
+    assert n2.stats.adopted and n3.stats.adopted
+    # each adopted session got a backup on the other survivor
+    await eventually(lambda: all(len(cluster.holders(t)) == 2 for t in tokens), what="new backups")
+    await cluster.crash("n2")
+    await eventually(lambda: all(t in n3.store.owned for t in tokens), what="second adoption")
+    for i, cookie in enumerate(cookies):
+        data, new, after = await read(n3, cookie)
+        assert (data, new, route_of(after)) == ({"i": i}, False, "n3")
+
+
+async def test_new_member_gets_only_the_backups_rendezvous_moves_to_it(cluster: Cluster) -> None:
+    n1, n2 = await cluster.start("n1", "n2")
+    tokens = [token_of(n1, await write(n1, None, i=i)) for i in range(60)]
+    assert all(n1.store.owned[t].backup == "n2" for t in tokens)
+    n3 = await cluster.add("n3")
+    await cluster.joined()
+    moving = [t for t in tokens if pick_backup(t, ["n2", "n3"]) == "n3"]
+    assert 10 < len(moving) < 50
+    await eventually(lambda: all(t in n3.store.backups for t in moving), what="rebalance")
+    assert {t: n1.store.owned[t].backup for t in tokens} == {t: pick_backup(t, ["n2", "n3"]) for t in tokens}
+    await asyncio.sleep(0.1)
+    assert set(n3.store.backups) == set(moving)  # nothing else was moved
