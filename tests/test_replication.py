@@ -116,8 +116,12 @@ class Peer:
     """A cluster member that is only a codec and a channel: it sends crafted messages and
     records what it is sent, to drive a node's receive path message by message."""
 
-    def __init__(self, bus: MemoryBus, name: str = "mallory", *, secret: str = TEST_SECRET, cluster: str = "clustersess"):
+    def __init__(
+        self, bus: MemoryBus, name: str = "mallory", *, secret: str = TEST_SECRET, cluster: str = "clustersess",
+        auto_ack: bool = False,
+    ) -> None:
         self.bus = bus
+        self.auto_ack = auto_ack
         self.name = name
         self.codec = Codec((secret,))
         self.incarnation = new_incarnation()
@@ -134,7 +138,11 @@ class Peer:
         return f"{self.prefix}:all"
 
     def _receive(self, channel: str, raw: bytes) -> None:
-        self.received.append(self.codec.decode(raw))
+        env = self.codec.decode(raw)
+        self.received.append(env)
+        if self.auto_ack and isinstance(env.body, m.Replicate):
+            back = self.channel(env.src)
+            self.bus.inject(back, self.encode(back, m.Ack(env.seq)))
 
     def encode(self, channel: str, body: m.Body, *, seq: int | None = None, inc: str | None = None) -> bytes:
         if seq is None:
