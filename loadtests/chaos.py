@@ -32,41 +32,46 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import ctypes  # noqa: E402
-import dataclasses  # noqa: E402
-import http.client  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import secrets  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Literal  # noqa: E402
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import http.client
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
 
-import gevent  # noqa: E402
-from locust import between, events  # noqa: E402
-from locust.env import Environment  # noqa: E402
+import gevent
+from locust import between, events
+from locust.env import Environment
 
-from clustersess import lb  # noqa: E402
-from clustersess.demo import DemoError, choose_redis  # noqa: E402
+from clustersess import lb
+from clustersess.demo import DemoError, choose_redis
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-import locustfile  # noqa: E402
+import locustfile
 
 STARTUP_TIMEOUT = 30.0
 #: membership settings a caller may pass through to the nodes
-PASSED_THROUGH = ("CLUSTERSESS_HEARTBEAT", "CLUSTERSESS_DROP_TIME", "CLUSTERSESS_ACK_TIMEOUT", "CLUSTERSESS_MAX_INACTIVE")
+PASSED_THROUGH = (
+    "CLUSTERSESS_HEARTBEAT",
+    "CLUSTERSESS_DROP_TIME",
+    "CLUSTERSESS_ACK_TIMEOUT",
+    "CLUSTERSESS_MAX_INACTIVE",
+)
 STATS_SHOWN = ("takeovers", "takeover_misses", "adopted", "handed_over", "ack_timeouts", "requeued",
                "writes_after_handoff", "gaps_detected", "publish_errors")  # fmt: skip
 
@@ -153,7 +158,7 @@ class Proc:
             out.flush()
             self.proc = subprocess.Popen(
                 self.cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=self.env, cwd=self.cwd, preexec_fn=_die_with_us,
+                env=self.env, cwd=self.cwd, preexec_fn=_die_with_us,  # noqa: PLW1509 - no threads here (gevent)
             )  # fmt: skip
 
     @property
@@ -240,7 +245,9 @@ class Cluster:
         directory.mkdir()
         config = directory / lb.FILES["haproxy"]
         config.write_text(lb.render("haproxy", backends, listen=f"127.0.0.1:{self.lb_port}", cookie=locustfile.COOKIE))
-        self.haproxy = Proc("haproxy", lb.command("haproxy", binary, config), self.rundir / "haproxy.log", cwd=directory)
+        self.haproxy = Proc(
+            "haproxy", lb.command("haproxy", binary, config), self.rundir / "haproxy.log", cwd=directory
+        )
         self.haproxy.start()
         port = self.lb_port
         self._wait("HAProxy", lambda: (_get(port, "/health") or (0,))[0] == 200, self.haproxy)
@@ -311,7 +318,7 @@ class Timeline:
 
 def run(opts: Options, out: Any = sys.stdout) -> int:
     """Start the cluster, run the users through the chaos, print the summary; exit code."""
-    say: Callable[[str], None] = lambda text: (out.write(text + "\n"), out.flush())  # noqa: E731
+    say: Callable[[str], None] = lambda text: (out.write(text + "\n"), out.flush())
     rundir = Path(tempfile.mkdtemp(prefix="clustersess-chaos-"))
     cluster = Cluster(opts, rundir)
     try:
@@ -344,7 +351,7 @@ def _run_users(opts: Options, cluster: Cluster, say: Callable[[str], None]) -> i
     env = Environment(user_classes=[locustfile.ShopUser], host=host, events=events)
     runner = env.create_local_runner()
     timeline = Timeline()
-    victim_port, victim = cluster.nodes[opts.victim]
+    _, victim = cluster.nodes[opts.victim]
     owned_at_kill: dict[str, Any] = {}
     restart_ok: list[bool] = []
 
@@ -398,7 +405,9 @@ def _run_users(opts: Options, cluster: Cluster, say: Callable[[str], None]) -> i
     for t, text in timeline.entries:
         say(f"  t={t:6.2f}s  {text}")
     say("  users: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ledger.as_dict().items()))
-    say("  cluster now (live nodes, counters since each started): " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    say(
+        "  cluster now (live nodes, counters since each started): " + ", ".join(f"{k} {v}" for k, v in counters.items())
+    )
     errors = sorted(env.stats.errors.values(), key=lambda e: -e.occurrences)
     for err in errors[:8]:
         say(f"  failure x{err.occurrences}: {err.method} {err.name}: {err.error}")
@@ -444,12 +453,16 @@ def _run_users(opts: Options, cluster: Cluster, say: Callable[[str], None]) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--users", type=int, default=50, help="simulated users (default 50)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
     p.add_argument("--nodes", type=int, default=3, help="cluster nodes (default 3)")
     p.add_argument("--replication", choices=["sync", "async"], default="sync")
-    p.add_argument("--kill-at", type=float, default=None, help="SIGKILL the victim after this many seconds (default duration/3)")
+    p.add_argument(
+        "--kill-at", type=float, default=None, help="SIGKILL the victim after this many seconds (default duration/3)"
+    )
     p.add_argument("--restart-at", type=float, default=None, help="start it again (default 2*duration/3)")
     p.add_argument("--victim", default="node2", help="the node to kill (default node2)")
     p.add_argument("--lb", choices=["haproxy", "none"], default="haproxy")
@@ -461,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.nodes < 2:
         p.error("--nodes must be at least 2 (one is killed)")
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if a.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
     opts = Options(
         users=a.users, duration=a.duration, nodes=a.nodes, replication=a.replication, kill_at=a.kill_at,
         restart_at=a.restart_at, victim=a.victim, lb=a.lb, wait_min=a.wait[0], wait_max=a.wait[1],

@@ -229,7 +229,9 @@ class ShopUser(FastHttpUser):
     # -- steps ----------------------------------------------------------------------------
     def login(self, j: Journey) -> None:
         profile = {"user": j.user, "cart": {}}
-        reply = self.call(j, "POST", "/api/session", "login", body=profile, check=lambda r: self.expect_fresh(j, r, profile))
+        reply = self.call(
+            j, "POST", "/api/session", "login", body=profile, check=lambda r: self.expect_fresh(j, r, profile)
+        )
         if reply is None:
             LEDGER.resets += 1  # nothing was acknowledged: start again
             raise EndJourney
@@ -242,7 +244,9 @@ class ShopUser(FastHttpUser):
     def rotate(self, j: Journey) -> None:
         """Rotate the ID after login (session fixation defence): new ID, same data."""
         old_token, old_cookie = j.token, j.cookie
-        reply = self.call(j, "POST", "/api/session/rotate", "rotate", check=lambda r: self.expect_rotated(j, r, old_token, old_cookie))
+        reply = self.call(
+            j, "POST", "/api/session/rotate", "rotate", check=lambda r: self.expect_rotated(j, r, old_token, old_cookie)
+        )
         if reply is None:
             # Rotated or not: the old cookie shows the session, or nothing.
             j.possible = [*j.possible, GONE]
@@ -279,11 +283,23 @@ class ShopUser(FastHttpUser):
         # as a stale browser tab or an attacker holding it would send it.
         probe = Journey(user=j.user, cookie=old_cookie, token=j.token, node_index=j.node_index, history=j.history)
         probe.possible = [GONE] if answered else [*before, GONE]
-        self.call(probe, "GET", "/api/session", "old cookie after logout", check=lambda r: self.expect_dead(probe, r, answered))
+        self.call(
+            probe,
+            "GET",
+            "/api/session",
+            "old cookie after logout",
+            check=lambda r: self.expect_dead(probe, r, answered),
+        )
 
     # -- the request and the checks -------------------------------------------------------
     def write(
-        self, j: Journey, method: str, path: str, name: str, apply: Callable[[dict[str, Any]], dict[str, Any]], body: Any = None
+        self,
+        j: Journey,
+        method: str,
+        path: str,
+        name: str,
+        apply: Callable[[dict[str, Any]], dict[str, Any]],
+        body: Any = None,
     ) -> None:
         after = [s if s is GONE else apply(s) for s in j.possible]
         reply = self.call(j, method, path, name, body=body, check=lambda r: self.expect_state(j, r, after))
@@ -303,7 +319,9 @@ class ShopUser(FastHttpUser):
         headers = {"Cookie": f"{COOKIE}={j.cookie}"} if j.cookie else {}
         for _attempt in range(max(1, len(NODES))):
             base = NODES[j.node_index % len(NODES)] if NODES else ""
-            with self.client.request(method, base + path, name=name, headers=headers, json=body, catch_response=True) as resp:
+            with self.client.request(
+                method, base + path, name=name, headers=headers, json=body, catch_response=True
+            ) as resp:
                 status = resp.status_code or 0
                 error = getattr(resp, "error", None)
                 if status == 0 and NODES and _refused(error):
