@@ -658,7 +658,9 @@ class ClusterNode:
             del self._last_seq[key]
         # Sessions whose owner was the lost member: their backup (as the owner chose it)
         # adopts them, so they get a new backup and survive a second failure.
-        view = set(self.members.members) | {self.name}
+        # Without ``name``: after a restart its new incarnation is already a member again,
+        # but the owner chose among the others.
+        view = (set(self.members.members) - {name}) | {self.name}
         for copy in list(self.store.backups.values()):
             if copy.owner == name and pick_backup(copy.token, view) == self.name:
                 self._adopt(copy)
