@@ -6,16 +6,23 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import pytest
 
 from clustersess import ids
 from clustersess.cluster import messages as m
 from clustersess.cluster.membership import Membership, new_incarnation, pick_backup
-from tests.test_replication import Cluster, Peer, cluster, eventually, read, token_of, write  # noqa: F401 (fixture)
+from tests.test_replication import Cluster, Peer, eventually, read, token_of, write
 
 TOKENS = [ids.new_token() for _ in range(10_000)]
 NODES = ["n1", "n2", "n3", "n4"]
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async with Cluster() as c:
+        yield c
 
 
 def members(me: str, others: list[str], now: float = 0.0) -> Membership:
@@ -52,7 +59,7 @@ def test_backups_spread_evenly_over_four_nodes() -> None:
     counts = Counter(pick_backup(t, NODES) for t in TOKENS)
     even = len(TOKENS) / len(NODES)
     assert set(counts) == set(NODES)
-    for node, n in counts.items():
+    for n in counts.values():
         assert 0.8 * even <= n <= 1.2 * even, counts
     # and from each owner's view (three candidates each)
     for owner in NODES:
@@ -134,7 +141,7 @@ def test_members_expire_after_drop_time() -> None:
 
 # -- through live nodes ---------------------------------------------------------------------
 async def test_nodes_discover_each_other_and_expire_a_silent_one(cluster: Cluster) -> None:
-    n1, n2, n3 = await cluster.start("n1", "n2", "n3", drop_time=0.3)
+    n1, n2, _ = await cluster.start("n1", "n2", "n3", drop_time=0.3)
     status = n1.status()
     assert [x["name"] for x in status["members"]] == ["n1", "n2", "n3"]
     assert [x["state"] for x in status["members"]] == ["up", "up", "up"]
@@ -147,7 +154,7 @@ async def test_nodes_discover_each_other_and_expire_a_silent_one(cluster: Cluste
 
 
 async def test_leave_removes_a_member_at_once(cluster: Cluster) -> None:
-    n1, n2 = await cluster.start("n1", "n2", drop_time=5.0)
+    n1, _ = await cluster.start("n1", "n2", drop_time=5.0)
     await cluster.stop("n2")
     await eventually(lambda: n1.cluster.members.live() == [], timeout=1.0)
     await asyncio.sleep(0.1)
@@ -180,7 +187,7 @@ async def test_a_newer_incarnation_replaces_the_member_and_its_sessions_are_adop
     assert n2.cluster.incarnation > old_inc
     await eventually(lambda: all(mg.cluster.members.members["n2"].incarnation == n2.cluster.incarnation for mg in (n1, n3)))
     # the old life's sessions are adopted by the backups it chose, and get a new backup
-    adopted = lambda: [t for t in tokens if t in cluster.nodes[backed_up_on[t]].store.owned]  # noqa: E731
+    adopted = lambda: [t for t in tokens if t in cluster.nodes[backed_up_on[t]].store.owned]
     await eventually(lambda: len(adopted()) == len(tokens), what=f"adoption ({len(adopted())} of {len(tokens)})")
     assert n1.stats.adopted + n3.stats.adopted == 20
     await eventually(lambda: all(len(cluster.holders(t)) == 2 for t in tokens), what="new backups")

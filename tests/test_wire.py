@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,11 +22,17 @@ from clustersess import ids
 from clustersess.cluster import messages as m
 from clustersess.cluster.wire import MAC_LEN, MAX_MESSAGE, BadMac, BadMessage, Codec, WireError
 from tests.test_messages import ALL_BODIES, JSON
-from tests.test_replication import Cluster, Peer, Recorder, cluster, delivered, eventually, token_of, write  # noqa: F401 (fixture)
+from tests.test_replication import Cluster, Peer, Recorder, delivered, eventually, token_of, write
 from tests.utils import TEST_SECRET
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 ENV = m.Envelope("node1", "1700000000000-00ff00ff", 3, m.Heartbeat("h:1", 2, 3))
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async with Cluster() as c:
+        yield c
 
 
 def sign(payload: bytes, secret: str = TEST_SECRET) -> bytes:
@@ -342,10 +349,9 @@ BODIES = st.one_of(
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 4), BODIES), min_size=1, max_size=12))
 def test_well_formed_messages_in_any_order_never_crash_a_handler(script: list[tuple[bool, int, m.Body]]) -> None:
     async def run() -> None:
-        cluster = Cluster()
-        try:
-            [n1] = await cluster.start("n1", notify_listeners_on_replication=True, listeners=[Recorder()])
-            peer = Peer(cluster.bus)
+        async with Cluster() as nodes:
+            [n1] = await nodes.start("n1", notify_listeners_on_replication=True, listeners=[Recorder()])
+            peer = Peer(nodes.bus)
             await write(n1, None, own=1)
             seq = 0
             for broadcast, step, body in script:
@@ -358,9 +364,7 @@ def test_well_formed_messages_in_any_order_never_crash_a_handler(script: list[tu
             assert not set(store.owned) & set(store.backups), "a token both owned and backed up"
             assert all(e.owner == "n1" and e.token == t for t, e in store.owned.items())
             assert all(e.token == t for t, e in store.backups.items())
-            now = cluster.clock.time()
+            now = nodes.clock.time()
             assert not [t for t in (*store.owned, *store.backups) if store.is_dead(t, now)], "a buried token lives"
-        finally:
-            await cluster.close()
 
     asyncio.run(run())

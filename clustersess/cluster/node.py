@@ -469,6 +469,7 @@ class ClusterNode:
             self._requeue.update(self.store.owned)
             self._retry_requeued()
             self._send(self.ch_all, m.Resync())
+            self._send_tombstones(self.ch_all)  # logouts we could not publish
 
     def _on_message(self, channel: str, raw: bytes) -> None:
         self.stats.messages_received += 1
@@ -646,6 +647,15 @@ class ClusterNode:
                 fut = self._enqueue(entry)
                 if fut is not None:
                     fut.add_done_callback(_consume)
+        self._send_tombstones(self.channel(src))  # logouts it may have missed
+
+    def _send_tombstones(self, channel: str) -> None:
+        """Announce the live tombstones again: an INVALIDATE lost in an outage would leave a
+        copy that a backup adopts (and serves) when the owner dies."""
+        now = self.clock.time()
+        dead = [t for t, until in self.store.tombstones.items() if until > now]
+        for i in range(0, len(dead), 500):
+            self._send(channel, m.Invalidate(tuple(dead[i : i + 500])))
 
     # -- membership changes ---------------------------------------------------------------
     def _member_joined(self, name: str) -> None:
