@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from clustersess import ids
+from clustersess import Config, DuplicateNodeError, SessionManager, ids
 from clustersess.cluster import messages as m
 from clustersess.cluster.membership import Membership, new_incarnation, pick_backup
-from tests.test_replication import Cluster, Peer, eventually, read, token_of, write
+from tests.test_replication import FAST, Cluster, Peer, eventually, read, token_of, write
 
 TOKENS = [ids.new_token() for _ in range(10_000)]
 NODES = ["n1", "n2", "n3", "n4"]
@@ -194,3 +194,28 @@ async def test_a_newer_incarnation_replaces_the_member_and_its_sessions_are_adop
     for i, cookie in enumerate(cookies):
         data, _, _ = await read(n2, cookie)
         assert data == {"i": i}
+
+
+async def test_a_second_live_node_with_the_same_name_is_refused(cluster: Cluster) -> None:
+    await cluster.start("n1")
+    twin = SessionManager(Config(node_name="n1", **FAST), transport=cluster.bus.transport())
+    started = time.perf_counter()
+    with pytest.raises(DuplicateNodeError, match="CLUSTERSESS_NODE"):
+        await twin.start()
+    assert time.perf_counter() - started < FAST["drop_time"] + FAST["heartbeat_interval"] + 0.5
+    assert twin._runner is None  # a failed start leaves no background task behind
+    assert not any(twin.cluster._on_message in subs for subs in cluster.bus.subscribers.values())  # type: ignore[union-attr]
+
+
+async def test_stop_without_the_bus_returns_at_once(cluster: Cluster) -> None:
+    n1, n2 = await cluster.start("n1", "n2")
+    cookie = await write(n1, None, a=1)
+    cluster.bus.down = True
+    await eventually(lambda: not n1.cluster.transport.connected)  # type: ignore[union-attr]
+    started = time.perf_counter()
+    await cluster.stop("n1")
+    assert time.perf_counter() - started < 0.2
+    assert n1.stats.handed_over == 0
+    cluster.bus.down = False
+    # n2 never heard a LEAVE: it finds out after the drop time and adopts from its copy
+    await eventually(lambda: token_of(n2, cookie) in n2.store.owned, what="adoption")

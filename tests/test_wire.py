@@ -368,3 +368,26 @@ def test_well_formed_messages_in_any_order_never_crash_a_handler(script: list[tu
             assert not [t for t in (*store.owned, *store.backups) if store.is_dead(t, now)], "a buried token lives"
 
     asyncio.run(run())
+
+
+async def test_accessed_times_apply_only_to_the_same_epoch_and_only_forward(cluster: Cluster) -> None:
+    n1, peer = await one_node(cluster)
+    token = ids.new_token()
+    await peer.send(n1.cluster.ch_me, m.Replicate((m.SessionState(token, "mallory", 2, 1, 100.0, 100.0, "{}"),)))
+    for epoch, when, expected in [(1, 500.0, 100.0), (3, 500.0, 100.0), (2, 50.0, 100.0), (2, 300.0, 300.0)]:
+        await peer.send(n1.cluster.ch_me, m.Accessed(((token, epoch, when),)))
+        assert n1.store.backups[token].last_accessed == expected, (epoch, when)
+
+
+async def test_an_ack_naming_a_session_as_stale_makes_the_owner_let_go(cluster: Cluster) -> None:
+    n1, peer = await one_node(cluster)
+    await peer.send(peer.all, m.Heartbeat("h", 0, 0))
+    writing = asyncio.ensure_future(write(n1, None, a=1))
+    await eventually(lambda: peer.got(m.Replicate), what="REPLICATE to the peer")
+    [replicate] = [e for e in peer.received if isinstance(e.body, m.Replicate)]
+    token = replicate.body.sessions[0].token
+    # the peer holds this session at a newer epoch: someone took it over meanwhile
+    await peer.send(n1.cluster.ch_me, m.Ack(replicate.seq, (token,)))
+    await writing
+    assert token not in n1.store.owned
+    assert n1.stats.ack_timeouts == 0
