@@ -29,14 +29,13 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Request, Response
 from flask.sessions import NullSession, SessionInterface
 
-from .session import Session
-from .wsgi import _STATE_KEY, SESSION_KEY, ClusterSessionWSGIMiddleware
+from .wsgi import _STATE_KEY, SESSION_KEY, ClusterSessionWSGIMiddleware, WSGISession
 
 if TYPE_CHECKING:  # pragma: no cover
     from .manager import SessionManager
 
 
-class FlaskSession(Session):
+class FlaskSession(WSGISession):
     """The clustered session with the attributes Flask code expects (``SessionMixin``).
 
     * ``permanent``: kept in the ``"_permanent"`` key as Flask does. The cookie lifetime
@@ -48,10 +47,7 @@ class FlaskSession(Session):
     * ``new``: same as ``is_new``. ``accessed`` is set by Flask's request context.
     """
 
-    # The same memory layout as Session: open_session() turns the core's Session objects
-    # into this class in place (``__class__`` assignment), so the core never needs to
-    # know about Flask and there is still one live object per session.
-    __slots__ = ()
+    __slots__ = ()  # the middleware assigns the class in place (see WSGISession)
 
     @property
     def permanent(self) -> bool:
@@ -98,12 +94,10 @@ class ClusterSessionInterface(SessionInterface):
         self.middleware = middleware
 
     def open_session(self, app: Flask, request: Request) -> FlaskSession | None:  # type: ignore[override]
-        session: Session | None = request.environ.get(SESSION_KEY)
+        session: FlaskSession | None = request.environ.get(SESSION_KEY)
         if session is None:
             return None  # Flask falls back to make_null_session()
-        if type(session) is Session:
-            session.__class__ = FlaskSession
-        assert isinstance(session, FlaskSession)
+        assert isinstance(session, FlaskSession), "ClusterSession passes session_class=FlaskSession"
         return session
 
     def save_session(self, app: Flask, session: Any, response: Response) -> None:
@@ -134,7 +128,8 @@ class ClusterSession:
 
     def init_app(self, app: Flask) -> None:
         assert self.middleware is None, "one ClusterSession serves one app; create another for a second app"
-        self.middleware = ClusterSessionWSGIMiddleware(app.wsgi_app, **self.options)
+        options = {"session_class": FlaskSession, **self.options}
+        self.middleware = ClusterSessionWSGIMiddleware(app.wsgi_app, **options)
         app.wsgi_app = self.middleware  # type: ignore[method-assign]
         app.session_interface = ClusterSessionInterface(self.middleware)
         app.extensions["clustersess"] = self

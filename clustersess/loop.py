@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -72,6 +73,21 @@ class LoopThread:
             return fn(*args)
 
         return self.run(call(), timeout)
+
+    def describe_tasks(self, timeout: float = 1.0) -> str:
+        """Where every task on the loop is waiting (for a diagnostic after a timeout)."""
+
+        def describe() -> str:
+            out = io.StringIO()
+            for task in asyncio.all_tasks(self.loop):
+                out.write(f"{task.get_name()}:\n")
+                task.print_stack(limit=8, file=out)
+            return out.getvalue()
+
+        try:
+            return self.call(describe, timeout=timeout)
+        except TimeoutError:
+            return "(the loop thread is busy)"
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop (cancelling what is left on it) and wait for the thread to end."""

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any
@@ -42,6 +43,28 @@ _STATE_KEY = "clustersess.request"
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 Headers = list[tuple[str, str]]
+
+
+#: the loop thread each WSGI-served manager runs on (weak: a closed middleware goes away)
+_LOOPS: weakref.WeakKeyDictionary[SessionManager, LoopThread] = weakref.WeakKeyDictionary()
+
+
+class WSGISession(Session):
+    """The session as WSGI apps get it: ``rotate()`` and ``invalidate()`` run on the loop.
+
+    They change the manager's store and tell the cluster, which only the loop thread may
+    do; request threads are not that thread. Same memory layout as :class:`Session`: the
+    middleware turns the core's objects into this class in place (``__class__``), so the
+    core stays framework-free and there is still one live object per session.
+    """
+
+    __slots__ = ()
+
+    def rotate(self) -> None:
+        _LOOPS[self._manager].call(self._manager.rotate, self)
+
+    def invalidate(self) -> None:
+        _LOOPS[self._manager].call(self._manager.invalidate, self)
 
 
 class _SessionLocks:
@@ -104,6 +127,8 @@ class ClusterSessionWSGIMiddleware:
         clock, transport, listeners: passed to :class:`SessionManager`.
         request_timeout: the longest a request waits for the manager (open or commit);
             the core bounds its own waits (ack_timeout, takeover) well below this.
+        shutdown_timeout: the longest :meth:`close` waits for the hand-off (default
+            ``max(5, 3 * ack_timeout)`` seconds).
         handle_signals: on SIGTERM, hand sessions over before the process dies. Only
             installed when SIGTERM has its default action and this runs in the main
             thread (waitress); servers with their own handler (gunicorn) exit through
@@ -127,14 +152,21 @@ class ClusterSessionWSGIMiddleware:
         transport: Any = None,
         listeners: list[SessionListener] | None = None,
         request_timeout: float = 30.0,
+        shutdown_timeout: float | None = None,
         handle_signals: bool = True,
+        session_class: type[WSGISession] = WSGISession,
         **options: Any,
     ) -> None:
+        assert session_class.__slots__ == (), "session_class must not add slots (it is assigned in place)"
         self.app = app
+        self.session_class = session_class
         if config is None:
             config = Config.from_env(secret_key=secret_key, **options)
         self.config = config
         self.request_timeout = request_timeout
+        # Long enough for the hand-off (the cluster waits up to 2 x ack_timeout for acks),
+        # short enough that SIGTERM still ends the process well before a SIGKILL follows.
+        self.shutdown_timeout = shutdown_timeout or max(5.0, 3 * config.ack_timeout)
         self.cookies = CookieWriter(config)
         self._cookie_name = config.session_cookie
         self._locks = _SessionLocks()
@@ -149,6 +181,7 @@ class ClusterSessionWSGIMiddleware:
             self.manager: SessionManager = self._loop.call(
                 lambda: SessionManager(config, clock=clock, transport=transport, listeners=listeners)
             )
+            _LOOPS[self.manager] = self._loop
             self._loop.run(self.manager.start(), timeout=max(request_timeout, config.drop_time * 3))
         except BaseException:
             self._loop.stop()
@@ -169,6 +202,8 @@ class ClusterSessionWSGIMiddleware:
         cookie = find_cookie(environ.get("HTTP_COOKIE", ""), self._cookie_name)
         loop = self._loop
         handle = loop.run(self.manager.open(cookie), self.request_timeout)
+        if type(handle.session) is not self.session_class:
+            handle.session.__class__ = self.session_class
         state = _Request(handle)
         try:
             self._locks.acquire(handle.session)
@@ -244,7 +279,13 @@ class ClusterSessionWSGIMiddleware:
         atexit.unregister(self.close)
         try:
             if self._pid == os.getpid() and self._loop.running:
-                self._loop.run(self.manager.stop(), timeout=max(self.request_timeout, self.config.drop_time * 3))
+                self._loop.run(self.manager.stop(), timeout=self.shutdown_timeout)
+        except TimeoutError:
+            log.error(
+                "clustersess: stopping the node did not finish within %.1fs; exiting anyway. Waiting in:\n%s",
+                self.shutdown_timeout,
+                self._loop.describe_tasks(),
+            )
         except Exception:
             log.exception("clustersess: stopping the session manager failed; sessions were not handed over")
         finally:

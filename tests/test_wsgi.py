@@ -14,7 +14,8 @@ from flask import Flask, flash, get_flashed_messages, session
 from werkzeug.exceptions import InternalServerError
 from werkzeug.test import Client
 
-from clustersess import ConfigError, FakeClock, Session, SessionTooLarge
+from clustersess import ConfigError, FakeClock, Session, SessionEvent, SessionListener, SessionTooLarge
+from clustersess.cluster.transport import MemoryBus
 from clustersess.flask_ext import ClusterSession, FlaskSession
 from clustersess.wsgi import MANAGER_KEY, SESSION_KEY, ClusterSessionWSGIMiddleware
 
@@ -422,3 +423,40 @@ def test_werkzeug_client_keeps_the_cookie(mw: ClusterSessionWSGIMiddleware) -> N
     client = Client(mw)
     client.get("/incr")
     assert client.get("/incr").get_data() == b"2"
+
+
+def test_rotate_and_invalidate_run_on_the_loop_thread_of_a_cluster_node() -> None:
+    # With a cluster, rotate() and invalidate() publish to it, which only the loop thread
+    # may do: the WSGI session sends them there from the request thread.
+    bus = MemoryBus()
+    app = Flask(__name__)
+    ext = ClusterSession(app, secret_key=SECRET, node_name="flask1", transport=bus.transport())
+    threads: list[str] = []
+
+    @app.post("/rotate")
+    def rotate() -> Any:
+        session["n"] = 1
+        session.rotate()
+        return {"id": session.id}
+
+    @app.post("/logout")
+    def logout() -> Any:
+        session.invalidate()
+        return {"id": session.id}
+
+    class Spy(SessionListener):
+        def destroyed(self, event: SessionEvent, reason: str) -> None:
+            threads.append(threading.current_thread().name)
+
+    ext.manager.listeners.append(Spy())
+    try:
+        client = app.test_client()
+        client.post("/rotate")
+        client.post("/rotate")
+        client.post("/logout")
+        assert ext.manager.stats.sessions_rotated == 2 and ext.manager.stats.sessions_invalidated == 1
+        assert threads == ["clustersess-flask1"]  # the invalidation ran on the loop thread
+        invalidations = [data for channel, data in bus.published if b"invalidated" in data]
+        assert len(invalidations) == 2  # the stored ID the second rotate() replaced; the logout
+    finally:
+        ext.close()
