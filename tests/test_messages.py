@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from clustersess import ids
 from clustersess.cluster import messages as m
 
-FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 TOKEN = ids.new_token()
 TOKEN2 = ids.new_token()
