@@ -194,6 +194,8 @@ class ShopUser(FastHttpUser):
     """Logs in, fills a cart, browses, checks out and logs out, checking every answer."""
 
     wait_time = between(0.05, 0.3)
+    # Requests go to full node URLs when NODES is set; locust still wants a host.
+    host = NODES[0] if NODES else None
     network_timeout = 10.0
     connection_timeout = 2.0
     # Never retry by itself: a retried write could be applied twice.
