@@ -130,7 +130,7 @@ class Proc:
         self.name = name
         self.argv = argv
         self.log_path = os.path.join(logdir, f"{name}.log")
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the process's lifetime, closed in stop()
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=HERE)
 
     def check_alive(self) -> None:
@@ -173,8 +173,22 @@ def _wait_until(ready: Callable[[], bool], proc: Proc, timeout: float = 20.0) ->
 
 def start_redis(ctx: dict[str, Any], logdir: str) -> Proc:
     port = free_port()
-    argv = ["taskset", "-c", CLIENT_CPUS, "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--protected-mode", "no"]  # fmt: skip
+    argv = [
+        "taskset",
+        "-c",
+        CLIENT_CPUS,
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
     proc = Proc("redis", argv, logdir)
 
     def ping() -> bool:
@@ -219,10 +233,33 @@ def start_contender(name: str, contender: Contender, ctx: Mapping[str, Any], log
         for i, (server, port) in enumerate(zip(contender.servers, ports)):
             fmt = {**ctx, "secret": SECRET, "port": port, "ports": ports}
             env = {**base_env, **{k: v.format(**fmt) for k, v in server.env.items()}}
-            argv = ["taskset", "-c", server.cpus, sys.executable, "-m", "uvicorn", "--factory",
-                    "--app-dir", HERE, server.app, "--host", "127.0.0.1", "--port", str(port),
-                    "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-                    "--log-level", "warning", "--lifespan", "on", "--workers", "1"]  # fmt: skip
+            argv = [
+                "taskset",
+                "-c",
+                server.cpus,
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "--app-dir",
+                HERE,
+                server.app,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--lifespan",
+                "on",
+                "--workers",
+                "1",
+            ]
             proc = Proc(f"{name}-{i}", argv, logdir, env)
             procs.append(proc)
         for proc, port in zip(procs, ports):
@@ -261,15 +298,31 @@ end
 
 
 def run_wrk(port: int, path: str, cookie: str, *, duration: int, connections: int, lua: str) -> dict[str, Any]:
-    argv = ["taskset", "-c", CLIENT_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
-            "-s", lua, "-H", f"Cookie: {cookie}", f"http://127.0.0.1:{port}{path}"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    argv = [
+        "taskset",
+        "-c",
+        CLIENT_CPUS,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--timeout",
+        "5s",
+        "-s",
+        lua,
+        "-H",
+        f"Cookie: {cookie}",
+        f"http://127.0.0.1:{port}{path}",
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout}\n{out.stderr}")
     result: dict[str, Any] = json.loads(line[len("BENCH ") :])
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
-    result["errors"] = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
+    result["errors"] = sum(
+        result[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+    )
     return result
 
 
@@ -284,7 +337,9 @@ def machine_info() -> dict[str, Any]:
             from importlib.metadata import version
 
             versions[pkg] = version(pkg)
-    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split(" [")[0].strip()
+    wrk = (
+        subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False).stdout.split(" [")[0].strip()
+    )
     return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(), "wrk": wrk, **versions}
 
 
@@ -336,7 +391,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         with open(lua, "w") as f:
             f.write(WRK_LUA)
         with running(names, tmp) as runs:
-            wrk = dict(connections=args.connections, lua=lua)
+            wrk = {"connections": args.connections, "lua": lua}
             if args.warmup > 0:
                 for name in names:
                     for test in tests:
@@ -360,10 +415,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             counts[name]["increments"] += counter(run) - before
                         samples[name, test].append(res)
                         flag = f"  ERRORS: {res['errors']}" if res["errors"] else ""
-                        print(f"  round {rnd + 1}/{args.rounds}  {name:<20} {test:<5} {res['rps']:9.0f} req/s"
-                              f"  p50 {res['p50_us'] / 1000:6.2f} ms  p99 {res['p99_us'] / 1000:6.2f} ms"
-                              f"  cpu {res['cpu_us']:5.1f} us/req{flag}",
-                              file=sys.stderr, flush=True)  # fmt: skip
+                        print(
+                            f"  round {rnd + 1}/{args.rounds}  {name:<20} {test:<5} {res['rps']:9.0f} req/s"
+                            f"  p50 {res['p50_us'] / 1000:6.2f} ms  p99 {res['p99_us'] / 1000:6.2f} ms"
+                            f"  cpu {res['cpu_us']:5.1f} us/req{flag}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
     summary: dict[str, dict[str, Any]] = {}
     for (name, test), rows in samples.items():
         summary.setdefault(name, {})[test] = {
@@ -383,8 +441,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
         "machine": machine_info(),
-        "settings": {"rounds": args.rounds, "duration_s": args.duration, "connections": args.connections,
-                     "warmup_s": args.warmup, "server_cpus": SERVER_CPUS, "client_cpus": CLIENT_CPUS},  # fmt: skip
+        "settings": {
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "connections": args.connections,
+            "warmup_s": args.warmup,
+            "server_cpus": SERVER_CPUS,
+            "client_cpus": CLIENT_CPUS,
+        },
         "contenders": {n: CONTENDERS[n].label for n in names},
         "summary": summary,
         "samples": {f"{n}/{t}": rows for (n, t), rows in samples.items()},
@@ -394,8 +458,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
-        f"medians of {s['rounds']} interleaved rounds x {s['duration_s']:g} s, wrk -t1 -c{s['connections']};"
-        f" server on CPU {s['server_cpus']}, wrk (and Redis) on CPU {s['client_cpus']}",
+        (
+            f"medians of {s['rounds']} interleaved rounds x {s['duration_s']} s, wrk -t1 -c{s['connections']};"
+            f" server on CPU {s['server_cpus']}, wrk (and Redis) on CPU {s['client_cpus']}"
+        ),
         "",
         "| contender | test | req/s | p50 ms | p99 ms | vs baseline | server CPU us/req | CPU vs baseline |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -406,8 +472,10 @@ def table(result: dict[str, Any]) -> str:
             if row is None:
                 continue
             err = f" ({row['errors']} errors)" if row["errors"] else ""
-            lines.append(f"| {label} | {test} | {row['rps']:,.0f}{err} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |"
-                         f" {row['ratio']:.2f}x | {row['cpu_us']:.1f} | {row['cpu_ratio']:.2f}x |")  # fmt: skip
+            lines.append(
+                f"| {label} | {test} | {row['rps']:,.0f}{err} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |"
+                f" {row['ratio']:.2f}x | {row['cpu_us']:.1f} | {row['cpu_ratio']:.2f}x |"
+            )
     notes = []
     for name, label in result["contenders"].items():
         row = result["summary"][name].get("write")
@@ -415,8 +483,10 @@ def table(result: dict[str, Any]) -> str:
             continue
         landed = row["writes_landed"]
         if CONTENDERS[name].server_side:
-            notes.append(f"- {label}: the stored counter grew by {landed['increments']:,} over "
-                         f"{landed['requests']:,} completed write requests")  # fmt: skip
+            notes.append(
+                f"- {label}: the stored counter grew by {landed['increments']:,} over "
+                f"{landed['requests']:,} completed write requests"
+            )
         else:
             notes.append(f"- {label}: state is in the cookie; every write re-signs the same initial state")
     if notes:
@@ -426,16 +496,19 @@ def table(result: dict[str, Any]) -> str:
         row = result["summary"].get(name, {}).get(test)
         if row is not None:
             ok = "met" if row["ratio"] >= target else "MISSED"
-            verdicts.append(f"- {name} {test}: {row['ratio']:.2f}x of baseline req/s (target >= {target:.2f}x): {ok};"
-                            f" by server CPU per request {row['cpu_ratio']:.2f}x")  # fmt: skip
+            verdicts.append(
+                f"- {name} {test}: {row['ratio']:.2f}x of baseline req/s (target >= {target:.2f}x): {ok};"
+                f" by server CPU per request {row['cpu_ratio']:.2f}x"
+            )
     if verdicts:
         lines += ["", "Targets:", *verdicts]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=int, default=5, help="whole seconds per wrk run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians (default 3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
