@@ -10,7 +10,7 @@ The same tiny Flask app (``make_app`` below) with four session setups:
 * ``clustersess-backup``: a clustersess node in a cluster with a Starlette peer as its
   backup (sync replication: a write waits for the backup's ack over Redis).
 
-Every app runs under waitress (4 threads) pinned to CPU 0; wrk, Redis and the backup peer
+Every app runs under waitress (4 threads, ``--threads``) pinned to CPU 0; wrk, Redis and the backup peer
 run on CPU 1. Tests ``read`` and ``write`` re-send the cookie of one session created
 beforehand (see ``bench.py`` for why): for clustersess every request of the run is a
 request of the same session and queues on its per-session lock, its worst case.
@@ -57,7 +57,7 @@ from bench import (
 TESTS = {"read": ("/read", 1), "write": ("/write", 1), "read-64": ("/read", 64), "write-64": ("/write", 64)}
 SESSIONS = max(n for _, n in TESTS.values())
 BASELINE = "flask-cookie"
-WAITRESS_THREADS = 4
+WAITRESS_THREADS = 4  # default of --threads
 
 # wrk's request() hook: spread the requests over the cookies in COOKIES, round robin.
 MANY_LUA = r"""
@@ -138,7 +138,7 @@ class Running:
     cookies: list[str] = dataclasses.field(default_factory=list)
 
 
-def start(name: str, setup: Setup, redis_url: str | None, logdir: str) -> Running:
+def start(name: str, setup: Setup, redis_url: str | None, logdir: str, threads: int) -> Running:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLUSTERSESS_", "BENCH_"))}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
     env["BENCH_SETUP"] = name
@@ -156,7 +156,7 @@ def start(name: str, setup: Setup, redis_url: str | None, logdir: str) -> Runnin
             procs.append(Proc(f"{name}-peer", argv, logdir, peer_env))
             _wait_until(lambda: http_get(peer_port, "/health")[0] == 200, procs[-1])
         argv = ["taskset", "-c", SERVER_CPUS, sys.executable, "-m", "waitress", "--host=127.0.0.1", f"--port={port}",
-                f"--threads={WAITRESS_THREADS}", "--call", "bench_flask:make_app"]  # fmt: skip
+                f"--threads={threads}", "--call", "bench_flask:make_app"]  # fmt: skip
         procs.append(Proc(name, argv, logdir, env))
         _wait_until(lambda: http_get(port, "/health")[0] == 200, procs[-1])
         if setup.backup_peer:
@@ -210,7 +210,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             if any(SETUPS[n].needs_redis for n in names):
                 services.append(start_redis(ctx, tmp))
             for name in names:
-                runs[name] = start(name, SETUPS[name], ctx.get("redis_url"), tmp)
+                runs[name] = start(name, SETUPS[name], ctx.get("redis_url"), tmp, args.threads)
             for name in names:
                 for test, (path, n) in TESTS.items():
                     lua = lua_script(tmp, runs[name], n)
@@ -272,7 +272,7 @@ def table(result: dict[str, Any]) -> str:
     s = result["settings"]
     header = (
         f"medians of {s['rounds']} interleaved rounds x {s['duration']} s, wrk -t1 -c{s['connections']}; waitress "
-        f"({WAITRESS_THREADS} threads) on CPU {SERVER_CPUS}, wrk, Redis and the backup peer on CPU {CLIENT_CPUS}"
+        f"({s['threads']} threads) on CPU {SERVER_CPUS}, wrk, Redis and the backup peer on CPU {CLIENT_CPUS}"
     )
     lines = [
         header,
@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load per setup and test")
+    parser.add_argument("--threads", type=int, default=WAITRESS_THREADS, help="waitress threads (default 4)")
     parser.add_argument("--only", help=f"comma-separated setups (the baseline always runs): {', '.join(SETUPS)}")
     args = parser.parse_args(argv)
     missing = [tool for tool in ("wrk", "taskset", "redis-server") if shutil.which(tool) is None]
