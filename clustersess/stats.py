@@ -20,6 +20,8 @@ class Stats:
     # cluster
     takeovers: int = 0
     takeover_misses: int = 0
+    takeover_retries: int = 0
+    takeover_conflicts: int = 0
     handed_over: int = 0
     adopted: int = 0
     messages_sent: int = 0

@@ -107,10 +107,12 @@ def test_redis_restart_then_node_kill_loses_nothing() -> None:
             user.post(node1, {"i": i, "phase": "after"})
         # Everything written during the outage is re-replicated after the reconnect.
         wait_until(lambda: sum(status(n)["sessions_backed_up"] for n in nodes[1:]) >= 30, timeout=10, what="resync")
+        wait_until(lambda: status(node1)["pending_replication"] == 0, timeout=10, what="re-replication acked")
+        seen = [status(n) for n in nodes]
         node1.kill(signal.SIGKILL)
         for i, user in enumerate(before):
             phase = "updated during" if i < 5 else "before"
-            assert user.get(nodes[1])["data"] == {"i": i, "phase": phase}
+            assert user.get(nodes[1])["data"] == {"i": i, "phase": phase}, (seen, [status(n) for n in nodes[1:]])
         for group, phase in ((during, "during"), (after, "after")):
             for i, user in enumerate(group):
                 assert user.get(nodes[2])["data"] == {"i": i, "phase": phase}
@@ -220,3 +222,24 @@ def test_restarted_node_is_a_new_incarnation() -> None:
         assert second > first
         # The new life has no copy in memory; it takes the session over from node2.
         assert user.get(node1)["data"] == {"k": "v"}
+
+
+def test_parallel_requests_of_one_session_on_two_nodes_lose_nothing() -> None:
+    """After a failover a browser's parallel requests may be spread over several nodes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with cluster(3) as (_, nodes):
+        user = Client()
+        user.incr(nodes[0])
+        cookie = user.cookie
+
+        def incr(node: NodeProcess) -> int:
+            return Client(cookie).request("POST", node, "/api/session/incr/n").status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(incr, [nodes[1 + i % 2] for i in range(40)]))
+        statuses = [status(n) for n in nodes]
+        assert codes == [200] * 40
+        owners = [s["node"] for s in statuses if s["sessions_owned"]]
+        assert len(owners) == 1, statuses
+        assert user.get(nodes[0])["data"] == {"n": 41}, statuses

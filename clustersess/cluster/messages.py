@@ -242,6 +242,8 @@ class FetchReply(Body):
     token: str
     state: SessionState | None
     dead: bool = False
+    #: the replier is taking this session over itself right now: try again shortly
+    busy: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -249,13 +251,14 @@ class FetchReply(Body):
             "k": self.token,
             "s": None if self.state is None else self.state.to_json(),
             "dead": self.dead,
+            "busy": self.busy,
         }
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> FetchReply:
         raw = body.get("s")
         state = None if raw is None else SessionState.from_json(raw)
-        return cls(_get(body, "req", str), _token(body), state, _get(body, "dead", bool))
+        return cls(_get(body, "req", str), _token(body), state, _get(body, "dead", bool), _get(body, "busy", bool))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

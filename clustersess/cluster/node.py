@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import random
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -83,7 +84,7 @@ class ClusterNode:
         self.codec = Codec(cfg.secret_key)
         if transport is None:
             assert cfg.redis_url is not None
-            transport = RedisTransport(cfg.redis_url)
+            transport = RedisTransport(cfg.redis_url, backoff_cap=self.reconnect_cap(cfg.drop_time))
         self.transport = transport
         self.members = Membership(self.name, cfg.drop_time)
         self.address = f"{socket.gethostname()}:{os.getpid()}"
@@ -103,6 +104,8 @@ class ClusterNode:
         self._fetches: dict[str, _Fetch] = {}
         self._acquiring: dict[str, asyncio.Future[Entry | None]] = {}
         self._unsettled: list[asyncio.Future[int]] = []
+        #: tokens this node is taking over right now (FETCH out, not yet owned)
+        self._contending: set[str] = set()
         # incoming
         self._last_seq: dict[tuple[str, str, bool], int] = {}
         self._connected = asyncio.Event()
@@ -248,23 +251,47 @@ class ClusterNode:
         return entry
 
     async def _acquire(self, token: str) -> Entry | None:
+        deadline = time.monotonic() + self.config.ack_timeout
+        attempt = 0
+        try:
+            while True:
+                # While our FETCH is out and until we own the session, we answer other
+                # takeovers of it with "busy", so two nodes never both win one epoch.
+                self._contending.add(token)
+                replies = await self._fetch_round(token, deadline)
+                if not any(r.busy for r in replies) or time.monotonic() >= deadline:
+                    break
+                # Another node is taking it over at this very moment: step aside (not
+                # busy ourselves meanwhile) and ask again; it will hand it over then.
+                self._contending.discard(token)
+                attempt += 1
+                self.stats.takeover_retries += 1
+                await asyncio.sleep(random.uniform(0.001, 0.004) * min(attempt, 8))
+            return await self._take(token, replies)
+        finally:
+            self._contending.discard(token)
+
+    async def _fetch_round(self, token: str, deadline: float) -> list[m.FetchReply]:
+        """Ask every member for its copy of ``token``; returns the answers heard in time."""
+        if not self.transport.connected:
+            return []
+        req = os.urandom(8).hex()
+        fetch = self._fetches[req] = _Fetch()
+        try:
+            counted = self._send(self.ch_all, m.Fetch(req, token), counted=True)
+            assert counted is not None
+            receivers = await asyncio.wait_for(counted, max(0.001, deadline - time.monotonic()))
+            fetch.expected = receivers - 1  # we hear our own broadcast
+            if len(fetch.replies) < fetch.expected:
+                await asyncio.wait_for(fetch.done.wait(), max(0.001, deadline - time.monotonic()))
+        except (TimeoutError, TransportError):
+            self._warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
+        finally:
+            del self._fetches[req]
+        return fetch.replies
+
+    async def _take(self, token: str, replies: list[m.FetchReply]) -> Entry | None:
         local = [e for e in (self.store.owned.get(token), self.store.backups.get(token)) if e is not None]
-        replies: list[m.FetchReply] = []
-        if self.transport.connected:
-            req = os.urandom(8).hex()
-            fetch = self._fetches[req] = _Fetch()
-            try:
-                counted = self._send(self.ch_all, m.Fetch(req, token), counted=True)
-                assert counted is not None
-                receivers = await asyncio.wait_for(counted, self.config.ack_timeout)
-                fetch.expected = receivers - 1  # we hear our own broadcast
-                if len(fetch.replies) < fetch.expected:
-                    await asyncio.wait_for(fetch.done.wait(), self.config.ack_timeout)
-            except (TimeoutError, TransportError):
-                self._warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
-            finally:
-                del self._fetches[req]
-            replies = fetch.replies
         if any(r.dead for r in replies):
             self.store.bury(token, self.clock.time() + self.config.max_inactive + 60.0)
             return None
@@ -313,7 +340,11 @@ class ClusterNode:
         backup = self.members.backup_for(entry.token, exclude=exclude)
         entry.backup = backup
         if backup is None:
-            if not self._lone_logged and not self.members.members:
+            if self.members.members:
+                # Members exist but none answers right now (all suspect, e.g. they have
+                # not re-subscribed after a Redis restart yet): keep it for the retry.
+                self._requeue.add(entry.token)
+            elif not self._lone_logged:
                 log.warning("clustersess: node %s is alone in the cluster; sessions have no backup", self.name)
                 self._lone_logged = True
             return None
@@ -457,8 +488,16 @@ class ClusterNode:
                     self._send(self.channel(dest), m.Accessed(tuple(items[i : i + 500])))
 
     # -- receiving ------------------------------------------------------------------------
+    @staticmethod
+    def reconnect_cap(drop_time: float) -> float:
+        """Longest wait between reconnect attempts: well under the drop time, so that after
+        a Redis restart every node is back before any other declares it dead."""
+        return max(0.1, min(2.0, drop_time / 3))
+
     async def _on_connect(self, first: bool) -> None:
-        self.members.refresh_all(time.monotonic())
+        # Silence while we were cut off proves nothing, and the others may need up to
+        # one backoff step longer than we did to come back: give them that much extra.
+        self.members.refresh_all(time.monotonic() + self.reconnect_cap(self.config.drop_time))
         self._connected.set()
         self._beat(hello=True)
         if not first:
@@ -479,7 +518,7 @@ class ClusterNode:
             self.stats.messages_dropped_auth += 1
             self._warn.warning("auth", "clustersess: dropped a cluster message that failed authentication")
             return
-        except ValueError:
+        except Exception:  # ValueError by contract; anything else must not kill the receiver
             self.stats.messages_dropped_malformed += 1
             self._warn.warning("malformed", "clustersess: dropped a malformed cluster message")
             return
@@ -600,6 +639,9 @@ class ClusterNode:
         if self.store.is_dead(token, self.clock.time()):
             self._send(self.channel(src), m.FetchReply(body.request, token, None, dead=True))
             return
+        if token in self._contending:
+            self._send(self.channel(src), m.FetchReply(body.request, token, None, busy=True))
+            return
         owned = self.store.owned.get(token)
         if owned is not None and owned.inflight > 0 and self._tg is not None:
             self._tg.create_task(self._release_when_idle(src, body, owned))
@@ -635,6 +677,15 @@ class ClusterNode:
 
     def _on_owned(self, src: str, env: m.Envelope, body: m.Owned) -> None:
         token = body.token
+        mine = self.store.owned.get(token)
+        if mine is not None and mine.epoch == body.epoch and src < self.name:
+            # Two takeovers won the same epoch (possible only when a takeover ran out of
+            # time while another node was busy taking the session): the lower name keeps it.
+            self.stats.takeover_conflicts += 1
+            self._warn.warning("conflict", "clustersess: %s won a concurrent takeover; yielding", src)
+            self.store.owned.pop(token)
+            self.store.backups[token] = mine
+            return
         for table in (self.store.owned, self.store.backups):
             cur = table.get(token)
             if cur is not None and cur.epoch < body.epoch and body.backup != self.name:
@@ -713,7 +764,17 @@ class ClusterNode:
                     "last_seen": round(now - member.last_seen, 3),
                 }
             )
-        return {"members": members, "connected": self.transport.connected, "incarnation": self.incarnation}
+        return {
+            "members": members,
+            "connected": self.transport.connected,
+            "incarnation": self.incarnation,
+            "pending_replication": self.pending_replication(),
+        }
+
+    def pending_replication(self) -> int:
+        """Sessions whose latest version is not yet acknowledged by a backup."""
+        waiting = sum(len(w.versions) for w in self._acks.values())
+        return len(self._requeue) + sum(len(p) for p in self._pending.values()) + waiting
 
 
 def _state_of(entry: Entry) -> m.SessionState:

@@ -61,7 +61,9 @@ class Transport(Protocol):
 class RedisTransport:
     """Redis pub/sub with one subscriber connection and one pipelined publisher."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 1.0, op_timeout: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, connect_timeout: float = 1.0, op_timeout: float = 2.0, backoff_cap: float = 2.0
+    ) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -76,7 +78,7 @@ class RedisTransport:
         )
         self._pub = aioredis.Redis.from_url(url, socket_timeout=op_timeout, **common)  # type: ignore[arg-type]
         self._sub = aioredis.Redis.from_url(url, socket_timeout=None, **common)  # type: ignore[arg-type]
-        self._backoff = ExponentialWithJitterBackoff(cap=2.0, base=0.05)
+        self._backoff = ExponentialWithJitterBackoff(cap=backoff_cap, base=0.05)
         self._claim = self._pub.register_script(_CLAIM_LUA)
 
     async def run(self, channels: list[str], on_message: OnMessage, on_connect: OnConnect) -> None:
