@@ -32,6 +32,7 @@ import http.client
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import socket
@@ -48,6 +49,7 @@ SERVER_CPUS = "0"  # the app server's core
 CLIENT_CPUS = "1"  # wrk and helper processes (Redis) share the other core
 SECRET = "benchmark-secret-not-for-production"
 TESTS = ("read", "write")
+NOISY = 0.25  # median CPUs used by other processes during the runs above which we warn
 
 # Targets from issue 2 for single-node clustersess, as a ratio to the baseline.
 TARGETS = {("clustersess", "read"): 0.90, ("clustersess", "write"): 0.80}
@@ -355,8 +357,9 @@ def select(only: str | None) -> list[str]:
 
 
 @contextlib.contextmanager
-def running(names: list[str], logdir: str) -> Iterator[dict[str, Running]]:
-    services: list[Proc] = []
+def running(names: list[str], logdir: str, services: list[Proc] | None = None) -> Iterator[dict[str, Running]]:
+    """Start the shared services and the contenders' servers; ``services`` receives the former."""
+    services = [] if services is None else services
     runs: dict[str, Running] = {}
     try:
         ctx: dict[str, Any] = {}
@@ -372,6 +375,19 @@ def running(names: list[str], logdir: str) -> Iterator[dict[str, Running]]:
                 proc.stop()
         for proc in services:
             proc.stop()
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all processes on the machine have used so far, summed over CPUs (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of the child processes waited for so far (wrk runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def counter(run: Running) -> int:
@@ -390,7 +406,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         lua = os.path.join(tmp, "report.lua")
         with open(lua, "w") as f:
             f.write(WRK_LUA)
-        with running(names, tmp) as runs:
+        services: list[Proc] = []
+        with running(names, tmp, services) as runs:
             wrk = {"connections": args.connections, "lua": lua}
             if args.warmup > 0:
                 for name in names:
@@ -405,11 +422,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             proc.check_alive()
                         before = counter(run) if test == "write" else 0
                         cpu = sum(proc.cpu_seconds() for proc in run.procs)
+                        ours = cpu + sum(proc.cpu_seconds() for proc in services) + children_cpu_seconds()
+                        busy, start = machine_busy_seconds(), time.monotonic()
                         res = run_wrk(run.port, f"/{test}", run.cookie, duration=args.duration, **wrk)
+                        busy, wall = machine_busy_seconds() - busy, time.monotonic() - start
                         cpu = sum(proc.cpu_seconds() for proc in run.procs) - cpu
+                        ours = cpu + sum(proc.cpu_seconds() for proc in services) + children_cpu_seconds() - ours
                         # Server CPU per request is far less sensitive to other load on the
                         # machine than req/s: it is the cost, not the share of a core we got.
                         res["cpu_us"] = cpu / max(res["requests"], 1) * 1e6
+                        # What everything else on the machine used meanwhile, in CPUs: the noise.
+                        res["other_load"] = max(0.0, busy - ours) / wall
                         if test == "write":
                             counts[name]["requests"] += res["requests"]
                             counts[name]["increments"] += counter(run) - before
@@ -418,7 +441,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         print(
                             f"  round {rnd + 1}/{args.rounds}  {name:<20} {test:<5} {res['rps']:9.0f} req/s"
                             f"  p50 {res['p50_us'] / 1000:6.2f} ms  p99 {res['p99_us'] / 1000:6.2f} ms"
-                            f"  cpu {res['cpu_us']:5.1f} us/req{flag}",
+                            f"  cpu {res['cpu_us']:5.1f} us/req  other load {res['other_load']:4.2f} CPUs{flag}",
                             file=sys.stderr,
                             flush=True,
                         )
@@ -450,6 +473,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "client_cpus": CLIENT_CPUS,
         },
         "contenders": {n: CONTENDERS[n].label for n in names},
+        "other_load": {
+            "median": statistics.median(r["other_load"] for rows in samples.values() for r in rows),
+            "max": max(r["other_load"] for rows in samples.values() for r in rows),
+        },
         "summary": summary,
         "samples": {f"{n}/{t}": rows for (n, t), rows in samples.items()},
     }
@@ -461,6 +488,10 @@ def table(result: dict[str, Any]) -> str:
         (
             f"medians of {s['rounds']} interleaved rounds x {s['duration_s']} s, wrk -t1 -c{s['connections']};"
             f" server on CPU {s['server_cpus']}, wrk (and Redis) on CPU {s['client_cpus']}"
+        ),
+        (
+            f"other processes on the machine used a median {result['other_load']['median']:.2f} CPUs"
+            f" (max {result['other_load']['max']:.2f}) during the runs"
         ),
         "",
         "| contender | test | req/s | p50 ms | p99 ms | vs baseline | server CPU us/req | CPU vs baseline |",
@@ -502,6 +533,8 @@ def table(result: dict[str, Any]) -> str:
             )
     if verdicts:
         lines += ["", "Targets:", *verdicts]
+    if result["other_load"]["median"] > NOISY:
+        lines += ["", f"WARNING: other load above {NOISY} CPUs: req/s and latencies are unreliable, run again later"]
     return "\n".join(lines)
 
 
