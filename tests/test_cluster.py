@@ -200,8 +200,11 @@ def test_read_only_session_outlives_max_inactive_on_backup() -> None:
 
 
 def test_two_live_nodes_with_one_name_is_an_error() -> None:
-    with cluster(1) as (server, nodes):
-        twin = NodeProcess("node1", redis_url=server.url, env={"CLUSTERSESS_DROP_TIME": "1.0", "CLUSTERSESS_HEARTBEAT": "0.2"})
+    # Default timing (Tomcat's 500 ms / 3 s): a twin must not win just because the first
+    # node was starved of CPU for a second on a busy machine.
+    timing = {"CLUSTERSESS_DROP_TIME": "3.0", "CLUSTERSESS_HEARTBEAT": "0.5"}
+    with cluster(1, env=timing) as (server, nodes):
+        twin = NodeProcess("node1", redis_url=server.url, env=timing)
         twin.start(wait=False)
         code = twin.wait(timeout=20)
         assert code != 0

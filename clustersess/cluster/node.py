@@ -106,6 +106,8 @@ class ClusterNode:
         self._unsettled: list[asyncio.Future[int]] = []
         #: tokens this node is taking over right now (FETCH out, not yet owned)
         self._contending: set[str] = set()
+        #: incarnation of an older live node with our name, if we heard one
+        self._older_twin: str | None = None
         # incoming
         self._last_seq: dict[tuple[str, str, bool], int] = {}
         self._connected = asyncio.Event()
@@ -135,6 +137,12 @@ class ClusterNode:
         except TimeoutError:
             log.warning("clustersess: Redis is unreachable at start-up; serving from memory and retrying")
             return
+        duplicate = DuplicateNodeError(
+            f"another live node is already named {self.name!r} in cluster "
+            f"{self.config.cluster_name!r}; give every node its own CLUSTERSESS_NODE"
+        )
+        # The claim in Redis waits out a previous life of this node (it expires one drop
+        # time after its last heartbeat) and refuses a live namesake.
         deadline = time.monotonic() + self.config.drop_time + self.config.heartbeat_interval
         while True:
             try:
@@ -144,12 +152,15 @@ class ClusterNode:
                 return
             if holder == self.incarnation:
                 break
-            if time.monotonic() > deadline:
-                raise DuplicateNodeError(
-                    f"another live node is already named {self.name!r} in cluster "
-                    f"{self.config.cluster_name!r}; give every node its own CLUSTERSESS_NODE"
-                )
+            if time.monotonic() > deadline or self._older_twin is not None:
+                raise duplicate
             await asyncio.sleep(self.config.heartbeat_interval)
+        # A namesake that stalled past its claim's expiry still sends heartbeats: listen
+        # for two intervals before declaring ourselves in.
+        await asyncio.sleep(2 * self.config.heartbeat_interval)
+        if self._older_twin is not None:
+            await self.transport.release(self.claim_key, self.incarnation)
+            raise duplicate
         log.info(
             "clustersess: node %s joined cluster %s (incarnation %s, %s replication)",
             self.name,
@@ -531,6 +542,8 @@ class ClusterNode:
     def _dispatch(self, channel: str, env: m.Envelope) -> None:
         src = env.src
         if src == self.name:
+            if env.inc < self.incarnation:
+                self._older_twin = env.inc  # a live node had this name before us
             if env.inc != self.incarnation:
                 self._warn.warning(
                     "dup", "clustersess: another node also calls itself %s; rename one (CLUSTERSESS_NODE)", src
