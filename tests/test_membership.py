@@ -149,7 +149,8 @@ async def test_nodes_discover_each_other_and_expire_a_silent_one(cluster: Cluste
     crashed = time.perf_counter()
     await eventually(lambda: "n3" not in n1.cluster.members.live() and "n3" not in n2.cluster.members.live())
     took = time.perf_counter() - crashed
-    assert 0.3 <= took < 0.3 + 0.5, took
+    # The last heartbeat may have arrived up to one interval (0.03 s) before the crash.
+    assert 0.3 - 0.03 <= took < 0.3 + 0.5, took
     assert n1.cluster.members.live() == ["n2"]
 
 
