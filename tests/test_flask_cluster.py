@@ -48,9 +48,7 @@ def wait_members(urls: list[str], names: set[str]) -> None:
         wait_until(lambda url=url: names <= members(url), timeout=10, what=f"{url} to see {sorted(names)}")
 
 
-def flask_node(
-    make: Callable[..., ServerProcess], name: str, redis: RedisServer, *, threads: int = 8
-) -> ServerProcess:
+def flask_node(make: Callable[..., ServerProcess], name: str, redis: RedisServer, *, threads: int = 8) -> ServerProcess:
     port = free_port()
     env = base_env({"CLUSTERSESS_SECRET": TEST_SECRET, "CLUSTERSESS_NODE": name, "CLUSTERSESS_REDIS_URL": redis.url})
     cmd = [sys.executable, "-m", "waitress", "--host=127.0.0.1", f"--port={port}", f"--threads={threads}"]
@@ -186,3 +184,23 @@ def test_gunicorn_workers_are_members_and_alternating_requests_stay_correct(
     wait_until(lambda: "guni_w1 lost: left" in star.log_text() and "guni_w2 lost: left" in star.log_text())
     body, _ = request("GET", star.url + "/api/session", cookie)
     assert body["data"] == {"n": 40}
+
+
+@pytest.mark.skipif(shutil.which("gunicorn") is None, reason="needs gunicorn")
+def test_app_built_before_the_fork_fails_clearly(process_factory: Callable[..., ServerProcess]) -> None:
+    # gunicorn --preload builds the app (and the loop thread) in the master; a forked
+    # worker has no loop thread, so it must refuse requests with a message, not hang.
+    port = free_port()
+    env = base_env({"CLUSTERSESS_SECRET": TEST_SECRET, "CLUSTERSESS_NODE": "pre1"})
+    cmd = [sys.executable, "-m", "gunicorn", "--preload", "-w", "1", "-b", f"127.0.0.1:{port}", "demo_app.wsgi:app"]
+    proc = process_factory(cmd, port=port, env=env, start=False)
+    proc.start(wait=False)
+
+    def status() -> int | None:
+        try:
+            return httpx.get(proc.url + "/health", timeout=2).status_code
+        except httpx.HTTPError:
+            return None
+
+    assert wait_until(status, timeout=20, what="gunicorn to answer") == 500
+    assert "created before the server forked its workers" in proc.log_text()
