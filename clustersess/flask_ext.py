@@ -34,6 +34,8 @@ from .wsgi import _STATE_KEY, SESSION_KEY, ClusterSessionWSGIMiddleware, WSGISes
 if TYPE_CHECKING:  # pragma: no cover
     from .manager import SessionManager
 
+__all__ = ["ClusterSession", "ClusterSessionInterface", "FlaskSession"]
+
 
 class FlaskSession(WSGISession):
     """The clustered session with the attributes Flask code expects (``SessionMixin``).

@@ -33,6 +33,8 @@ from .loop import LoopThread
 from .manager import DELETE_COOKIE, Handle, SessionManager
 from .session import Session
 
+__all__ = ["MANAGER_KEY", "SESSION_KEY", "ClusterSessionWSGIMiddleware", "WSGISession"]
+
 log = logging.getLogger("clustersess")
 
 #: environ keys set for the application
