@@ -33,6 +33,7 @@ from ..errors import DuplicateNodeError
 from ..session import Entry
 from . import messages as m
 from .membership import Membership, new_incarnation, pick_backup
+from .outbox import NoReceiver, Outbox, RateLimitedLog, consume, state_of
 from .transport import RedisTransport, Transport, TransportError
 from .wire import BadMac, Codec
 
@@ -42,33 +43,11 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("clustersess.cluster")
 
 
-class NoReceiver(Exception):
-    """Nobody was subscribed to the backup's channel (dead, or disconnected from Redis)."""
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _AckWait:
-    waiters: list[asyncio.Future[None]]
-    versions: dict[str, int]
-    sent: float
-
-
 @dataclasses.dataclass(slots=True, eq=False)
 class _Fetch:
     expected: int = -1
     replies: list[m.FetchReply] = dataclasses.field(default_factory=list)
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-
-
-class _RateLimitedLog:
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-
-    def warning(self, kind: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, 0.0) >= 1.0:
-            self._last[kind] = now
-            log.warning(msg, *args)
 
 
 class ClusterNode:
@@ -92,15 +71,19 @@ class ClusterNode:
         self.ch_me = self.channel(self.name)
         self.claim_key = f"{cfg.cluster_name}:claim:{self.name}"
         self.access_every = max(0.05, min(30.0, cfg.max_inactive / 4))
-        # outgoing
-        self._seq: dict[str, int] = {}
-        self._outbox: list[tuple[str, m.Body, asyncio.Future[int] | None]] = []
-        self._pending: dict[tuple[str, bool], dict[str, Entry]] = {}
-        self._pending_waiters: dict[tuple[str, bool], list[asyncio.Future[None]]] = {}
-        self._acks: dict[tuple[str, int], _AckWait] = {}
-        self._wake = asyncio.Event()
+        self._warn = RateLimitedLog(log)
+        #: everything this node sends goes through here (sequence numbers, batching, acks)
+        self.outbox = Outbox(
+            self.name,
+            self.incarnation,
+            self.codec,
+            self.transport,
+            stats=self.stats,
+            store=self.store,
+            warn=self._warn,
+            on_unreachable=self._unreachable,
+        )
         self._touched: dict[str, Entry] = {}
-        self._requeue: set[str] = set()
         self._fetches: dict[str, _Fetch] = {}
         self._acquiring: dict[str, asyncio.Future[Entry | None]] = {}
         self._unsettled: list[asyncio.Future[int]] = []
@@ -112,7 +95,6 @@ class ClusterNode:
         self._last_seq: dict[tuple[str, str, bool], int] = {}
         self._connected = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
-        self._warn = _RateLimitedLog()
         self._lone_logged = False
         self._stopping = False
 
@@ -126,7 +108,7 @@ class ClusterNode:
             self.transport.run([self.ch_me, self.ch_all], self._on_message, self._on_connect),
             name="clustersess-receiver",
         )
-        tg.create_task(self._flusher(), name="clustersess-flusher")
+        tg.create_task(self.outbox.run(), name="clustersess-flusher")
         tg.create_task(self._heartbeat(), name="clustersess-heartbeat")
         tg.create_task(self._access_flusher(), name="clustersess-access")
 
@@ -176,7 +158,7 @@ class ClusterNode:
             log.warning("clustersess: stopping without Redis; %d session(s) not handed over", len(self.store.owned))
             await self.transport.close()
             return
-        self._send(self.ch_all, m.Leave())
+        self.outbox.send(self.ch_all, m.Leave())
         entries = list(self.store.owned.values())
         waits = [self._enqueue(e, handoff=True) for e in entries]
         waiting = [w for w in waits if w is not None]
@@ -185,7 +167,7 @@ class ClusterNode:
             ok = sum(1 for f in done if not f.cancelled() and f.exception() is None)
             self.stats.handed_over += ok
             log.info("clustersess: handed %d of %d session(s) over before leaving", ok, len(entries))
-        await self._flush_now()
+        await self.outbox.flush()
         await self.transport.release(self.claim_key, self.incarnation)
         await self.transport.close()
 
@@ -208,11 +190,11 @@ class ClusterNode:
                     "ack", "clustersess: no ack from backup within %.2fs; queued for re-replication",
                     self.config.ack_timeout,
                 )
-                self._requeue.add(entry.token)
+                self.outbox.requeue.add(entry.token)
                 return
             except TransportError:
                 return  # counted and queued by the flusher
-        self._requeue.add(entry.token)
+        self.outbox.requeue.add(entry.token)
 
     def touched(self, entry: Entry) -> None:
         self._touched[entry.token] = entry
@@ -220,10 +202,10 @@ class ClusterNode:
     def buried(self, tokens: list[str], reason: str) -> None:
         for t in tokens:
             self._touched.pop(t, None)
-            self._requeue.discard(t)
-        fut = self._send(self.ch_all, m.Invalidate(tuple(tokens), reason), counted=True)
+            self.outbox.requeue.discard(t)
+        fut = self.outbox.send(self.ch_all, m.Invalidate(tuple(tokens), reason), counted=True)
         assert fut is not None
-        fut.add_done_callback(_consume)
+        fut.add_done_callback(consume)
         self._unsettled.append(fut)
 
     async def settle(self) -> None:
@@ -289,7 +271,7 @@ class ClusterNode:
         req = os.urandom(8).hex()
         fetch = self._fetches[req] = _Fetch()
         try:
-            counted = self._send(self.ch_all, m.Fetch(req, token), counted=True)
+            counted = self.outbox.send(self.ch_all, m.Fetch(req, token), counted=True)
             assert counted is not None
             receivers = await asyncio.wait_for(counted, max(0.001, deadline - time.monotonic()))
             fetch.expected = receivers - 1  # we hear our own broadcast
@@ -318,7 +300,7 @@ class ClusterNode:
         entry = self._promote(best)
         self.stats.takeovers += 1
         await self.replicate(entry)
-        self._send(self.ch_all, m.Owned(token, entry.epoch, entry.backup))
+        self.outbox.send(self.ch_all, m.Owned(token, entry.epoch, entry.backup))
         return entry
 
     def _promote(self, best: Entry) -> Entry:
@@ -340,11 +322,11 @@ class ClusterNode:
         return entry
 
     # -- sending --------------------------------------------------------------------------
-    def _send(self, channel: str, body: m.Body, *, counted: bool = False) -> asyncio.Future[int] | None:
-        fut = asyncio.get_running_loop().create_future() if counted else None
-        self._outbox.append((channel, body, fut))
-        self._wake.set()
-        return fut
+    def _unreachable(self, channel: str) -> None:
+        """Nobody listens on a backup's channel: do not pick it again until it is heard."""
+        for member in self.members.members.values():
+            if self.channel(member.name) == channel:
+                member.suspect = True
 
     def _enqueue(self, entry: Entry, *, handoff: bool = False) -> asyncio.Future[None] | None:
         exclude = (entry.owner,) if entry.owner != self.name else ()
@@ -354,96 +336,13 @@ class ClusterNode:
             if self.members.members:
                 # Members exist but none answers right now (all suspect, e.g. they have
                 # not re-subscribed after a Redis restart yet): keep it for the retry.
-                self._requeue.add(entry.token)
+                self.outbox.requeue.add(entry.token)
             elif not self._lone_logged:
                 log.warning("clustersess: node %s is alone in the cluster; sessions have no backup", self.name)
                 self._lone_logged = True
             return None
         self._lone_logged = False
-        key = (backup, handoff)
-        self._pending.setdefault(key, {})[entry.token] = entry
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending_waiters.setdefault(key, []).append(fut)
-        self._wake.set()
-        return fut
-
-    async def _flusher(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._flush_now()
-
-    async def _flush_now(self) -> None:
-        pending, self._pending = self._pending, {}
-        waiters, self._pending_waiters = self._pending_waiters, {}
-        outbox, self._outbox = self._outbox, []
-        items: list[tuple[str, bytes]] = []
-        results: list[Any] = []  # per item: Future[int] | (dest, seq) | None
-        for (dest, handoff), entries in pending.items():
-            states = [_state_of(e) for e in entries.values() if e.token in self.store.owned and e.version > 0]
-            ws = waiters.get((dest, handoff), [])
-            if not states:
-                for w in ws:
-                    if not w.done():
-                        w.set_result(None)
-                continue
-            for i in range(0, len(states), 200):
-                chunk = states[i : i + 200]
-                channel = self.channel(dest)
-                seq = self._next_seq(channel)
-                self._acks[(dest, seq)] = _AckWait(
-                    ws if i + 200 >= len(states) else [], {s.token: s.version for s in chunk}, time.monotonic()
-                )
-                items.append((channel, self._encode(seq, m.Replicate(tuple(chunk), handoff))))
-                results.append((dest, seq))
-                self.stats.replications_sent += len(chunk)
-        for channel, body, fut in outbox:
-            items.append((channel, self._encode(self._next_seq(channel), body)))
-            results.append(fut)
-        if not items:
-            return
-        try:
-            counts = await self.transport.publish(items)
-        except TransportError as exc:
-            self.stats.publish_errors += 1
-            self._warn.warning("publish", "clustersess: %s; serving from memory, will re-replicate", exc)
-            for r in results:
-                self._fail(r, exc)
-            return
-        self.stats.messages_sent += len(items)
-        for r, n in zip(results, counts):
-            if isinstance(r, tuple) and n == 0:
-                member = self.members.members.get(r[0])
-                if member is not None:
-                    member.suspect = True
-                self._fail(r, NoReceiver())
-            elif isinstance(r, asyncio.Future) and not r.done():
-                r.set_result(n)
-
-    def _fail(self, r: Any, exc: Exception) -> None:
-        if isinstance(r, asyncio.Future):
-            if not r.done():
-                r.set_exception(exc)
-            r.exception() if r.done() else None  # mark retrieved
-            return
-        if isinstance(r, tuple):
-            wait = self._acks.pop(r, None)
-            if wait is None:
-                return
-            self._requeue.update(wait.versions)
-            self.stats.requeued += len(wait.versions)
-            for w in wait.waiters:
-                if not w.done():
-                    w.set_exception(exc)
-                    w.exception()
-
-    def _next_seq(self, channel: str) -> int:
-        seq = self._seq.get(channel, 0) + 1
-        self._seq[channel] = seq
-        return seq
-
-    def _encode(self, seq: int, body: m.Body) -> bytes:
-        return self.codec.encode(m.Envelope(self.name, self.incarnation, seq, body))
+        return self.outbox.replicate(self.channel(backup), entry, handoff=handoff)
 
     # -- periodic work --------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -460,29 +359,27 @@ class ClusterNode:
                 except TransportError:
                     pass
                 for member in self.members.expire(time.monotonic()):
-                    self._member_lost(member.name, "no heartbeat for %.1fs" % self.config.drop_time)
+                    self._member_lost(member.name, f"no heartbeat for {self.config.drop_time:.1f}s")
                 self._retry_requeued()
-                cutoff = time.monotonic() - max(10.0, self.config.ack_timeout * 4)
-                for key in [k for k, w in self._acks.items() if w.sent < cutoff]:
-                    self._fail(key, TimeoutError())
+                self.outbox.expire_acks(time.monotonic() - max(10.0, self.config.ack_timeout * 4))
             await asyncio.sleep(self.config.heartbeat_interval)
 
     def _beat(self, hello: bool = False) -> None:
-        self._send(
+        self.outbox.send(
             self.ch_all,
             m.Heartbeat(self.address, len(self.store.owned), len(self.store.backups), hello),
         )
 
     def _retry_requeued(self) -> None:
-        if not self._requeue:
+        if not self.outbox.requeue:
             return
-        tokens, self._requeue = self._requeue, set()
+        tokens, self.outbox.requeue = self.outbox.requeue, set()
         for token in tokens:
             entry = self.store.owned.get(token)
             if entry is not None:
                 fut = self._enqueue(entry)
                 if fut is not None:
-                    fut.add_done_callback(_consume)
+                    fut.add_done_callback(consume)
 
     async def _access_flusher(self) -> None:
         while True:
@@ -496,7 +393,7 @@ class ClusterNode:
                     by_backup.setdefault(e.backup, []).append((e.token, e.epoch, e.last_accessed))
             for dest, items in by_backup.items():
                 for i in range(0, len(items), 500):
-                    self._send(self.channel(dest), m.Accessed(tuple(items[i : i + 500])))
+                    self.outbox.send(self.channel(dest), m.Accessed(tuple(items[i : i + 500])))
 
     # -- receiving ------------------------------------------------------------------------
     @staticmethod
@@ -516,9 +413,9 @@ class ClusterNode:
             # own sessions go to their backups again, and owners resend what we back up.
             self.stats.redis_reconnects += 1
             self.stats.resyncs += 1
-            self._requeue.update(self.store.owned)
+            self.outbox.requeue.update(self.store.owned)
             self._retry_requeued()
-            self._send(self.ch_all, m.Resync())
+            self.outbox.send(self.ch_all, m.Resync())
             self._send_tombstones(self.ch_all)  # logouts we could not publish
 
     def _on_message(self, channel: str, raw: bytes) -> None:
@@ -562,7 +459,7 @@ class ClusterNode:
         if last is not None and env.seq > last + 1 and not broadcast:
             self.stats.gaps_detected += 1
             self._warn.warning("gap", "clustersess: missed %d message(s) from %s; asking it to resync", env.seq - last - 1, src)
-            self._send(self.channel(src), m.Resync())
+            self.outbox.send(self.channel(src), m.Resync())
         body = env.body
         if isinstance(body, m.Leave):
             if self.members.leave(src, env.inc) is not None:
@@ -610,7 +507,7 @@ class ClusterNode:
                 self.manager._fire("changed" if cur is not None else "created", copy, replicated=True)
             if body.handoff:
                 adopted.append(copy)
-        self._send(self.channel(src), m.Ack(env.seq, tuple(stale)))
+        self.outbox.send(self.channel(src), m.Ack(env.seq, tuple(stale)))
         for copy in adopted:
             self._adopt(copy)
 
@@ -619,15 +516,10 @@ class ClusterNode:
         self.stats.adopted += 1
         fut = self._enqueue(entry)
         if fut is not None:
-            fut.add_done_callback(_consume)
+            fut.add_done_callback(consume)
 
     def _on_ack(self, src: str, env: m.Envelope, body: m.Ack) -> None:
-        wait = self._acks.pop((src, body.ack), None)
-        if wait is None:
-            return
-        for w in wait.waiters:
-            if not w.done():
-                w.set_result(None)
+        self.outbox.acked(self.channel(src), body.ack)
         for token in body.stale:
             entry = self.store.owned.pop(token, None)
             if entry is not None:
@@ -650,10 +542,10 @@ class ClusterNode:
     def _on_fetch(self, src: str, env: m.Envelope, body: m.Fetch) -> None:
         token = body.token
         if self.store.is_dead(token, self.clock.time()):
-            self._send(self.channel(src), m.FetchReply(body.request, token, None, dead=True))
+            self.outbox.send(self.channel(src), m.FetchReply(body.request, token, None, dead=True))
             return
         if token in self._contending:
-            self._send(self.channel(src), m.FetchReply(body.request, token, None, busy=True))
+            self.outbox.send(self.channel(src), m.FetchReply(body.request, token, None, busy=True))
             return
         owned = self.store.owned.get(token)
         if owned is not None and owned.inflight > 0 and self._tg is not None:
@@ -677,8 +569,8 @@ class ClusterNode:
             self.store.backups[token] = owned
             self._touched.pop(token, None)
         copy = owned or self.store.backups.get(token)
-        state = _state_of(copy) if copy is not None and copy.version > 0 else None
-        self._send(self.channel(src), m.FetchReply(body.request, token, state))
+        state = state_of(copy) if copy is not None and copy.version > 0 else None
+        self.outbox.send(self.channel(src), m.FetchReply(body.request, token, state))
 
     def _on_fetch_reply(self, src: str, env: m.Envelope, body: m.FetchReply) -> None:
         fetch = self._fetches.get(body.request)
@@ -710,7 +602,7 @@ class ClusterNode:
             if self.members.backup_for(entry.token) == src:
                 fut = self._enqueue(entry)
                 if fut is not None:
-                    fut.add_done_callback(_consume)
+                    fut.add_done_callback(consume)
         self._send_tombstones(self.channel(src))  # logouts it may have missed
 
     def _send_tombstones(self, channel: str) -> None:
@@ -719,7 +611,7 @@ class ClusterNode:
         now = self.clock.time()
         dead = [t for t, until in self.store.tombstones.items() if until > now]
         for i in range(0, len(dead), 500):
-            self._send(channel, m.Invalidate(tuple(dead[i : i + 500])))
+            self.outbox.send(channel, m.Invalidate(tuple(dead[i : i + 500])))
 
     # -- membership changes ---------------------------------------------------------------
     def _member_joined(self, name: str) -> None:
@@ -748,7 +640,7 @@ class ClusterNode:
             if entry.version > 0 and self.members.backup_for(entry.token) != entry.backup:
                 fut = self._enqueue(entry)
                 if fut is not None:
-                    fut.add_done_callback(_consume)
+                    fut.add_done_callback(consume)
 
     # -- status ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -786,20 +678,7 @@ class ClusterNode:
 
     def pending_replication(self) -> int:
         """Sessions whose latest version is not yet acknowledged by a backup."""
-        waiting = sum(len(w.versions) for w in self._acks.values())
-        return len(self._requeue) + sum(len(p) for p in self._pending.values()) + waiting
-
-
-def _state_of(entry: Entry) -> m.SessionState:
-    return m.SessionState(
-        entry.token,
-        entry.owner,
-        entry.epoch,
-        entry.version,
-        entry.created,
-        entry.last_accessed,
-        entry.payload.decode("utf-8"),
-    )
+        return self.outbox.pending()
 
 
 def _entry_from(state: m.SessionState) -> Entry:
@@ -812,8 +691,3 @@ def _entry_from(state: m.SessionState) -> Entry:
         version=state.version,
         payload=state.data.encode("utf-8"),
     )
-
-
-def _consume(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
