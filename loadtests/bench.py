@@ -32,7 +32,6 @@ import http.client
 import json
 import os
 import platform
-import resource
 import shlex
 import shutil
 import socket
@@ -377,17 +376,38 @@ def running(names: list[str], logdir: str, services: list[Proc] | None = None) -
             proc.stop()
 
 
-def machine_busy_seconds() -> float:
-    """CPU time all processes on the machine have used so far, summed over CPUs (/proc/stat)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+def process_cpu_seconds(exclude: set[int]) -> dict[int, float]:
+    """CPU time (own + reaped children) of every process on the machine except ``exclude``.
+
+    Per process rather than /proc/stat totals: kernel time for loopback networking is
+    charged to no process, and would otherwise count as someone else's load.
+    """
+    times: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # exited meanwhile
+            continue
+        times[int(entry.name)] = sum(int(x) for x in fields[11:15]) / _CLK_TCK
+    return times
 
 
-def children_cpu_seconds() -> float:
-    """CPU time of the child processes waited for so far (wrk runs)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def other_cpu_seconds(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU time other processes used between two snapshots (new processes count whole)."""
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items() if t >= before.get(pid, 0.0))
+
+
+def wait_for_quiet(exclude: set[int], limit: float) -> None:
+    """Wait (at most ``limit`` seconds) until other processes use less than NOISY CPUs."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = process_cpu_seconds(exclude)
+        time.sleep(0.5)
+        if other_cpu_seconds(before, process_cpu_seconds(exclude)) / 0.5 < NOISY:
+            return
 
 
 def counter(run: Running) -> int:
@@ -422,17 +442,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             proc.check_alive()
                         before = counter(run) if test == "write" else 0
                         cpu = sum(proc.cpu_seconds() for proc in run.procs)
-                        ours = cpu + sum(proc.cpu_seconds() for proc in services) + children_cpu_seconds()
-                        busy, start = machine_busy_seconds(), time.monotonic()
+                        # this script (and wrk, its child), the servers and the services
+                        exclude = {os.getpid(), *(p.popen.pid for r in runs.values() for p in r.procs)}
+                        exclude.update(p.popen.pid for p in services)
+                        if args.settle > 0:
+                            wait_for_quiet(exclude, args.settle)
+                        others, start = process_cpu_seconds(exclude), time.monotonic()
                         res = run_wrk(run.port, f"/{test}", run.cookie, duration=args.duration, **wrk)
-                        busy, wall = machine_busy_seconds() - busy, time.monotonic() - start
+                        wall = time.monotonic() - start
+                        others = other_cpu_seconds(others, process_cpu_seconds(exclude))
                         cpu = sum(proc.cpu_seconds() for proc in run.procs) - cpu
-                        ours = cpu + sum(proc.cpu_seconds() for proc in services) + children_cpu_seconds() - ours
                         # Server CPU per request is far less sensitive to other load on the
                         # machine than req/s: it is the cost, not the share of a core we got.
                         res["cpu_us"] = cpu / max(res["requests"], 1) * 1e6
                         # What everything else on the machine used meanwhile, in CPUs: the noise.
-                        res["other_load"] = max(0.0, busy - ours) / wall
+                        res["other_load"] = others / wall
                         if test == "write":
                             counts[name]["requests"] += res["requests"]
                             counts[name]["increments"] += counter(run) - before
@@ -469,6 +493,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "duration_s": args.duration,
             "connections": args.connections,
             "warmup_s": args.warmup,
+            "settle_s": args.settle,
             "server_cpus": SERVER_CPUS,
             "client_cpus": CLIENT_CPUS,
         },
@@ -546,6 +571,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians (default 3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--warmup", type=int, default=1, help="whole seconds of unmeasured load per contender and test")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="before each run, wait up to this many seconds for other processes to go quiet (default 0: off)",
+    )
     parser.add_argument("--only", help=f"comma-separated contenders (baseline always runs): {', '.join(CONTENDERS)}")
     parser.add_argument("--tests", default=",".join(TESTS), help="comma-separated: read,write (default both)")
     parser.add_argument("--json", metavar="PATH", help="also write every sample and the medians as JSON")
