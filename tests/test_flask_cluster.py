@@ -203,13 +203,6 @@ def test_gunicorn_workers_are_members_and_alternating_requests_stay_correct(
 
 
 @pytest.mark.skipif(shutil.which("gunicorn") is None, reason="needs gunicorn")
-@pytest.mark.xfail(
-    # Not strict: how many sessions are lost depends on how close together the two stops
-    # are; on a loaded machine they can be far enough apart that none is.
-    strict=False,
-    reason="cluster layer: when members stop at the same moment, one hands a session to another "
-    "that is itself leaving; that one adopts it after taking its own hand-off list and exits with it",
-)
 def test_gunicorn_workers_stopping_together_lose_no_session(
     redis_server: RedisServer,
     node_factory: Callable[..., NodeProcess],

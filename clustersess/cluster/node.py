@@ -42,6 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("clustersess.cluster")
 
+#: a stopping node leaves once no session has reached it for this long
+HANDOFF_QUIET = 0.1
+
 
 @dataclasses.dataclass(slots=True, eq=False)
 class _Fetch:
@@ -159,14 +162,40 @@ class ClusterNode:
             await self.transport.close()
             return
         self.outbox.send(self.ch_all, m.Leave())
-        entries = list(self.store.owned.values())
-        waits = [self._enqueue(e, handoff=True) for e in entries]
-        waiting = [w for w in waits if w is not None]
-        if waiting:
-            done, _ = await asyncio.wait(waiting, timeout=self.config.ack_timeout * 2)
-            ok = sum(1 for f in done if not f.cancelled() and f.exception() is None)
-            self.stats.handed_over += ok
-            log.info("clustersess: handed %d of %d session(s) over before leaving", ok, len(entries))
+        handed = 0
+        deadline = time.monotonic() + self.config.ack_timeout * 2
+        quiet_since: float | None = None
+        # In rounds: a member stopping at the same moment may hand us sessions (or we may
+        # adopt its copies) after our first list was taken; they go on to a member that
+        # stays. We leave once nothing new has arrived for a short quiet period.
+        while time.monotonic() < deadline:
+            entries = list(self.store.owned.values())
+            if not entries:
+                now = time.monotonic()
+                quiet_since = quiet_since or now
+                if now - quiet_since >= HANDOFF_QUIET:
+                    break
+                await asyncio.sleep(0.01)
+                continue
+            quiet_since = None
+            sent = [(e, self._enqueue(e, handoff=True)) for e in entries]
+            waiting = [f for _, f in sent if f is not None]
+            if not waiting:
+                break  # no member left to take them
+            done, _ = await asyncio.wait(waiting, timeout=max(0.01, deadline - time.monotonic()))
+            for entry, fut in sent:
+                if fut in done and not fut.cancelled() and fut.exception() is None:
+                    handed += 1
+                    if self.store.owned.get(entry.token) is entry:
+                        # The receiver adopted it; keep only a copy until we are gone.
+                        del self.store.owned[entry.token]
+                        self.store.backups[entry.token] = entry
+        self.stats.handed_over += handed
+        log.info(
+            "clustersess: handed %d of %d session(s) over before leaving",
+            handed,
+            handed + len(self.store.owned),
+        )
         await self.outbox.flush()
         await self.transport.release(self.claim_key, self.incarnation)
         await self.transport.close()
