@@ -9,12 +9,14 @@ from .errors import ClusterSessError, ConfigError, DuplicateNodeError, SessionTo
 from .listeners import SessionEvent, SessionListener
 from .manager import SessionManager
 from .session import Session
+from .wsgi import ClusterSessionWSGIMiddleware
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClusterSessError",
     "ClusterSessionMiddleware",
+    "ClusterSessionWSGIMiddleware",
     "Clock",
     "Config",
     "ConfigError",
