@@ -23,6 +23,10 @@ log = logging.getLogger("clustersess")
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
+_UNSEEN: Any = object()
+_HEADER_CACHE_SIZE = 1024
+_MAX_CACHED_HEADER = 4096
+
 
 class ClusterSessionMiddleware:
     """Tomcat-style clustered sessions for any ASGI app.
@@ -89,6 +93,8 @@ class ClusterSessionMiddleware:
         self.manager = manager
         self.cookies = CookieWriter(manager.config)
         self._cookie_name = manager.config.session_cookie
+        #: raw Cookie header -> our cookie's value (see _read_cookie)
+        self._header_cache: dict[bytes, str | None] = {}
         self._start_lock: asyncio.Lock | None = None
         self._started = False
 
@@ -163,10 +169,24 @@ class ClusterSessionMiddleware:
 
     def _read_cookie(self, scope: Scope) -> str | None:
         name = self._cookie_name
+        cache = self._header_cache
         for key, value in scope["headers"]:
             if key == b"cookie":
-                # latin-1 decodes any bytes; find_cookie rejects non-ASCII values.
-                found = find_cookie(value.decode("latin-1"), name)
+                # A client sends the same Cookie header with every request, and parsing
+                # it is a good part of the middleware's cost on a read; find_cookie is a
+                # pure function of the header, so remember its answer (bounded, like the
+                # signer's verification cache).
+                found: str | None
+                hit = cache.get(value, _UNSEEN) if type(value) is bytes else _UNSEEN
+                if hit is _UNSEEN:
+                    # latin-1 decodes any bytes; find_cookie rejects non-ASCII values.
+                    found = find_cookie(value.decode("latin-1"), name)
+                    if type(value) is bytes and len(value) <= _MAX_CACHED_HEADER:
+                        if len(cache) >= _HEADER_CACHE_SIZE:
+                            cache.clear()
+                        cache[value] = found
+                else:
+                    found = hit
                 if found is not None:
                     return found
         return None
