@@ -115,11 +115,15 @@ class SessionManager:
             return
         if self.cluster is not None:
             await self.cluster.stop()
-        self._runner.cancel()
-        try:
-            await self._runner
-        except asyncio.CancelledError:
-            pass
+        runner = self._runner
+        runner.cancel()
+        # asyncio.wait does not raise the runner's CancelledError, and a cancellation of
+        # stop() itself still propagates; bounded so a stuck task cannot hang shutdown.
+        done, _ = await asyncio.wait({runner}, timeout=5.0)
+        if not done:
+            log.error("clustersess: background tasks did not stop within 5 s: %s", runner.get_stack())
+        elif not runner.cancelled() and runner.exception() is not None:
+            log.error("clustersess: background task failed", exc_info=runner.exception())
         self._runner = None
         self._started.clear()
 

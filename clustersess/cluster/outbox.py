@@ -150,6 +150,11 @@ class Outbox:
         messages, self._messages = self._messages, []
         items: list[tuple[str, bytes]] = []
         results: list[Any] = []  # per item: Future[int] | (channel, seq) | None
+        # Control messages go first: a LEAVE must reach the others before the sessions
+        # handed over with it, or they would pick the leaving node as the new backup.
+        for channel, body, fut in messages:
+            items.append((channel, self._encode(self._next_seq(channel), body)))
+            results.append(fut)
         owned = self._store.owned
         for (channel, handoff), entries in pending.items():
             states = [state_of(e) for e in entries.values() if e.token in owned and e.version > 0]
@@ -169,9 +174,6 @@ class Outbox:
                 items.append((channel, self._encode(seq, m.Replicate(tuple(chunk), handoff))))
                 results.append((channel, seq))
                 self._stats.replications_sent += len(chunk)
-        for channel, body, fut in messages:
-            items.append((channel, self._encode(self._next_seq(channel), body)))
-            results.append(fut)
         if not items:
             return
         try:

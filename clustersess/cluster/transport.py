@@ -112,7 +112,8 @@ class RedisTransport:
             finally:
                 self.connected = False
                 try:
-                    await asyncio.shield(pubsub.aclose())
+                    # Bounded: a broken connection must not hold up reconnecting or stopping.
+                    await asyncio.wait_for(asyncio.shield(pubsub.aclose()), 1.0)
                 except Exception:  # the connection is already broken
                     pass
             await asyncio.sleep(self._backoff.compute(failures))
