@@ -61,8 +61,9 @@ class Server:
 
     ``app`` is a factory in ``loadtests/`` (``module:function``, run with ``--factory``).
     ``env`` values are ``str.format`` templates over the run context: ``{redis_url}``
-    (when a "redis" service runs), ``{secret}``, ``{port}`` (this server's port) and
-    ``{ports[i]}`` (the ports of the contender's servers, in order).
+    (when a "redis" service runs), ``{name}`` (the contender's name: contenders that
+    share Redis need their own ``CLUSTERSESS_CLUSTER``), ``{secret}``, ``{port}`` (this
+    server's port) and ``{ports[i]}`` (the ports of the contender's servers, in order).
     """
 
     app: str
@@ -83,9 +84,21 @@ class Contender:
     server_side: bool = True
     #: False only for the baseline, which has no session (and so no cookie) at all
     sets_cookie: bool = True
+    #: run without ``--only`` (the clustered configurations are opt-in)
+    default: bool = True
 
 
 _CLUSTERSESS_ENV = {"CLUSTERSESS_SECRET": "{secret}", "CLUSTERSESS_NODE": "node1"}
+
+
+def _clustered_env(replication: str) -> dict[str, str]:
+    return {
+        **_CLUSTERSESS_ENV,
+        "CLUSTERSESS_REDIS_URL": "{redis_url}",
+        "CLUSTERSESS_CLUSTER": "bench-{name}",
+        "CLUSTERSESS_REPLICATION": replication,
+    }
+
 
 CONTENDERS: dict[str, Contender] = {
     "baseline": Contender("no session middleware", (Server("apps:make_baseline"),), sets_cookie=False),
@@ -99,18 +112,22 @@ CONTENDERS: dict[str, Contender] = {
     ),
     "starsessions-memory": Contender("starsessions + InMemoryStore", (Server("apps:make_starsessions_memory"),)),
     "clustersess": Contender("clustersess, single node", (Server("apps:make_clustersess", _CLUSTERSESS_ENV),)),
-    # Clustered configurations slot in the same way, e.g.:
-    # "clustersess-sync": Contender(
-    #     "clustersess, 2 nodes, sync replication",
-    #     (
-    #         Server("apps:make_clustersess", {**_CLUSTERSESS_ENV, "CLUSTERSESS_REDIS_URL": "{redis_url}",
-    #                                          "CLUSTERSESS_REPLICATION": "sync"}),
-    #         Server("apps:make_clustersess", {**_CLUSTERSESS_ENV, "CLUSTERSESS_NODE": "node2",
-    #                                          "CLUSTERSESS_REDIS_URL": "{redis_url}",
-    #                                          "CLUSTERSESS_REPLICATION": "sync"}, cpus=CLIENT_CPUS),
-    #     ),
-    #     services=("redis",),
-    # ),
+    # Clustered: two nodes sharing the one Redis (so each contender has its own cluster
+    # name); wrk drives node1, node2 (the backup) runs on the client CPU. Opt-in: --only.
+    **{
+        f"clustersess-{mode}": Contender(
+            f"clustersess, 2 nodes, {mode} replication",
+            (
+                Server("apps:make_clustersess", _clustered_env(mode)),
+                Server(
+                    "apps:make_clustersess", {**_clustered_env(mode), "CLUSTERSESS_NODE": "node2"}, cpus=CLIENT_CPUS
+                ),
+            ),
+            services=("redis",),
+            default=False,
+        )
+        for mode in ("sync", "async")
+    },
 }
 
 
@@ -232,7 +249,7 @@ def start_contender(name: str, contender: Contender, ctx: Mapping[str, Any], log
     procs: list[Proc] = []
     try:
         for i, (server, port) in enumerate(zip(contender.servers, ports)):
-            fmt = {**ctx, "secret": SECRET, "port": port, "ports": ports}
+            fmt = {**ctx, "name": name, "secret": SECRET, "port": port, "ports": ports}
             env = {**base_env, **{k: v.format(**fmt) for k, v in server.env.items()}}
             argv = [
                 "taskset",
@@ -346,7 +363,7 @@ def machine_info() -> dict[str, Any]:
 
 def select(only: str | None) -> list[str]:
     if not only:
-        return list(CONTENDERS)
+        return [name for name, contender in CONTENDERS.items() if contender.default]
     names = [n.strip() for n in only.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
@@ -586,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.list:
         for name, contender in CONTENDERS.items():
-            print(f"{name:<20} {contender.label}")
+            print(f"{name:<20} {contender.label}{'' if contender.default else '  (only with --only)'}")
         return
     missing = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None]
     if missing:
