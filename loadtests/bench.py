@@ -466,10 +466,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         exclude.update(p.popen.pid for p in services)
                         if args.settle > 0:
                             wait_for_quiet(exclude, args.settle)
-                        others, start = process_cpu_seconds(exclude), time.monotonic()
+                        snapshot, start = process_cpu_seconds(exclude), time.monotonic()
                         res = run_wrk(run.port, f"/{test}", run.cookie, duration=args.duration, **wrk)
                         wall = time.monotonic() - start
-                        others = other_cpu_seconds(others, process_cpu_seconds(exclude))
+                        others = other_cpu_seconds(snapshot, process_cpu_seconds(exclude))
                         cpu = sum(proc.cpu_seconds() for proc in run.procs) - cpu
                         # Server CPU per request is far less sensitive to other load on the
                         # machine than req/s: it is the cost, not the share of a core we got.
