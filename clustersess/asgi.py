@@ -20,6 +20,8 @@ from .manager import DELETE_COOKIE, Handle, SessionManager
 
 log = logging.getLogger("clustersess")
 
+_VARY = (b"vary", b"Cookie")
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
@@ -112,7 +114,11 @@ class ClusterSessionMiddleware:
             raise self.config_error
         if not self._started:
             await self._ensure_started()
-        handle = await manager.open(self._read_cookie(scope))
+        cookie = self._read_cookie(scope)
+        # The common case (a known cookie for a session this node owns) needs no await.
+        handle = manager.open_local(cookie) if cookie else None
+        if handle is None:
+            handle = await manager.open(cookie)
         session = handle.session
         session.accessed = False
         scope["session"] = session
@@ -126,7 +132,13 @@ class ClusterSessionMiddleware:
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                await finish(handle, message)
+                if manager.close_local(handle) is None:  # unchanged, cookie current
+                    headers = message.setdefault("headers", [])
+                    if type(headers) is not list:
+                        headers = message["headers"] = list(headers)
+                    headers.append(_VARY)
+                else:
+                    await finish(handle, message)
             await send(message)
 
         try:
@@ -160,11 +172,11 @@ class ClusterSessionMiddleware:
             headers = message["headers"] = list(headers)
         if cookie is None:
             if handle.session.accessed or handle.cookie_in is not None:
-                headers.append((b"vary", b"Cookie"))
+                headers.append(_VARY)
             return
         value = self.cookies.delete() if cookie == DELETE_COOKIE else self.cookies.set(cookie)
         headers.append((b"set-cookie", value.encode("latin-1")))
-        headers.append((b"vary", b"Cookie"))
+        headers.append(_VARY)
         make_private(headers)
 
     def _read_cookie(self, scope: Scope) -> str | None:

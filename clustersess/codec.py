@@ -8,6 +8,7 @@ encodings of unchanged data are byte-equal; that is how in-place mutation is det
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from .errors import SessionTooLarge, SessionValueError
@@ -36,8 +37,18 @@ def check_value(key: Any, value: Any) -> None:
     """Raise :class:`SessionValueError` unless ``session[key] = value`` can be stored."""
     if not isinstance(key, str):
         raise SessionValueError(repr(key), f"keys must be str, not {type(key).__name__}")
+    # Fast path for the values that always encode (most assignments): no encoder run.
+    kind = type(value)
+    if (
+        (kind is str and value.isascii())
+        or kind is bool
+        or value is None
+        or (kind is int and value.bit_length() < 8192)  # far below int-to-str's digit limit
+        or (kind is float and math.isfinite(value))
+    ):
+        return
     try:
-        _encoder.encode(value)
+        _encoder.encode(value).encode("utf-8")  # utf-8 too: lone surrogates cannot be stored
     except (TypeError, ValueError) as exc:
         raise SessionValueError(key, str(exc)) from None
 

@@ -98,6 +98,10 @@ class CookieSigner:
         self._remember(value, Verified(token, route, False))
         return value
 
+    def cached(self, value: str) -> Verified | None:
+        """The result of an earlier successful :meth:`verify` of exactly ``value``."""
+        return self._cache.get(value)
+
     def verify(self, value: str) -> Verified | None:
         """Check a cookie value; ``None`` for anything forged, malformed or oversized."""
         hit = self._cache.get(value)

@@ -30,6 +30,8 @@ log = logging.getLogger("clustersess")
 
 #: what close() asks the adapter to do with the cookie
 DELETE_COOKIE = ""
+#: close_local(): the request needs the full (awaited) close()
+SLOW = object()
 
 
 class Replicator(Protocol):
@@ -42,6 +44,7 @@ class Replicator(Protocol):
     def touched(self, entry: Entry) -> None: ...
     def buried(self, tokens: list[str], reason: DestroyReason) -> None: ...
     async def settle(self) -> None: ...
+    def unsettled(self) -> bool: ...
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -171,6 +174,10 @@ class SessionManager:
         Never raises for bad input: a forged, malformed, unknown, expired or invalidated
         cookie gets a fresh session (strict mode: the presented ID is never adopted).
         """
+        if cookie:
+            handle = self.open_local(cookie)
+            if handle is not None:
+                return handle
         entry: Entry | None = None
         verified = self.signer.verify(cookie) if cookie else None
         if cookie and verified is None:
@@ -186,12 +193,34 @@ class SessionManager:
             entry.session = session
             entry.inflight = 1
             return Handle(session, cookie, resign=False)
+        return Handle(self._live(entry), cookie, resign=verified.resign)
+
+    def open_local(self, cookie: str) -> Handle | None:
+        """The fast path of :meth:`open`, without awaiting: a cookie verified before, for
+        a live session this node owns. ``None`` means "take the full path"."""
+        verified = self.signer.cached(cookie)
+        if verified is None or verified.resign or verified.route != self.node:
+            return None
+        entry = self.store.owned.get(verified.token)
+        if entry is None:
+            return None
+        now = self.clock.time()
+        if now - entry.last_accessed > self.config.max_inactive:
+            return None
+        entry.last_accessed = now
+        if self.cluster is not None:
+            self.cluster.touched(entry)
+        return Handle(self._live(entry), cookie, resign=False)
+
+    def _live(self, entry: Entry) -> Session:
+        """The one live session object of ``entry``, counted as in use."""
         session = entry.session
         if session is None:
             session = Session(entry, self, codec.decode(entry.payload))
+            session._settle_clean()
             entry.session = session
         entry.inflight += 1
-        return Handle(session, cookie, resign=verified.resign)
+        return session
 
     async def _find(self, token: str, route: str) -> Entry | None:
         now = self.clock.time()
@@ -230,6 +259,9 @@ class SessionManager:
                 the session keeps its last committed state.
             SessionTooLarge: the session is over ``max_session_size``; likewise.
         """
+        fast = self.close_local(handle)
+        if fast is not SLOW:
+            return fast
         assert not handle.closed, "close() called twice for one request"
         handle.closed = True
         session = handle.session
@@ -245,6 +277,24 @@ class SessionManager:
             return None
         return cookie
 
+    def close_local(self, handle: Handle) -> str | None | object:
+        """The fast path of :meth:`close`: nothing changed and the cookie is current.
+
+        Returns ``None`` (no cookie to send; the handle is closed) or ``SLOW``, meaning
+        "await :meth:`close`".
+        """
+        session = handle.session
+        entry = session._entry
+        if not session._clean or entry.dirty or entry.version == 0 or handle.resign or handle.closed:
+            return SLOW
+        if self.cluster is not None and self.cluster.unsettled():
+            return SLOW
+        if self._cookie_for(entry) != handle.cookie_in:
+            return SLOW
+        handle.closed = True
+        entry.inflight -= 1
+        return None
+
     def abandon(self, handle: Handle) -> None:
         """The request failed before its response: release without committing."""
         if handle.closed:
@@ -259,6 +309,8 @@ class SessionManager:
     async def _commit(self, entry: Entry, session: Session) -> bool:
         if entry.version == 0 and not session:
             return False
+        if session._clean and not entry.dirty and entry.version > 0:
+            return False  # provably unchanged: skip the encode
         try:
             payload = codec.encode(session, limit=self.config.max_session_size)
         except (SessionValueError, SessionTooLarge) as exc:
@@ -269,6 +321,7 @@ class SessionManager:
             session.replace_all(codec.decode(entry.payload))
             raise
         if payload == entry.payload and entry.version > 0 and not entry.dirty:
+            session._settle_clean()
             return False
         entry.dirty = False
         if entry.token not in self.store.owned and entry.version > 0:
@@ -278,6 +331,7 @@ class SessionManager:
                 self.cluster.reclaim(entry)
         entry.payload = payload
         entry.version += 1
+        session._settle_clean()
         self.stats.commits += 1
         if entry.version == 1:
             self.store.owned[entry.token] = entry

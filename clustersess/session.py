@@ -18,6 +18,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .manager import SessionManager
 
 
+#: value types that cannot change in place: a session holding only these is unchanged
+#: unless one of the mutating methods below was called
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class Entry:
     """One session as a node holds it: as owner (with a live session) or as backup."""
@@ -59,7 +64,7 @@ class Session(dict[str, Any]):
     ``TypeError``) naming the key, at the assignment.
     """
 
-    __slots__ = ("_entry", "_manager", "_killed", "accessed")
+    __slots__ = ("_entry", "_manager", "_killed", "_clean", "accessed")
 
     def __init__(self, entry: Entry, manager: SessionManager, data: Mapping[str, Any] | None = None) -> None:
         super().__init__(data or {})
@@ -68,6 +73,13 @@ class Session(dict[str, Any]):
         self.accessed = False
         #: invalidate() destroyed the stored session this object came from
         self._killed = False
+        #: provably equal to the committed JSON: untouched since the last commit, and
+        #: holding only immutable scalars (nothing nested could have been mutated in place)
+        self._clean = False
+
+    def _settle_clean(self) -> None:
+        """Called when the contents equal the committed JSON (after a commit or a load)."""
+        self._clean = all(type(v) in _SCALARS for v in dict.values(self))
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -100,25 +112,45 @@ class Session(dict[str, Any]):
     # -- validated mutation -----------------------------------------------------------
     def __setitem__(self, key: str, value: Any) -> None:
         codec.check_value(key, value)
+        self._clean = False
         super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._clean = False
+        super().__delitem__(key)
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         if key not in self:
             codec.check_value(key, default)
+            self._clean = False
         return super().setdefault(key, default)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         items: dict[str, Any] = dict(*args, **kwargs)
         for key, value in items.items():
             codec.check_value(key, value)
+        self._clean = False
         super().update(items)
 
     def __ior__(self, other: Any) -> Session:  # type: ignore[override,misc]
         self.update(other)
         return self
 
+    def pop(self, *args: Any) -> Any:
+        self._clean = False
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, Any]:
+        self._clean = False
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._clean = False
+        super().clear()
+
     def replace_all(self, data: Iterable[tuple[str, Any]] | Mapping[str, Any]) -> None:
         """Swap the contents without validation (data known good); internal use."""
+        self._clean = False
         super().clear()
         super().update(data)
 

@@ -237,6 +237,10 @@ class ClusterNode:
         fut.add_done_callback(consume)
         self._unsettled.append(fut)
 
+    def unsettled(self) -> bool:
+        """Invalidations are waiting to be published."""
+        return bool(self._unsettled)
+
     async def settle(self) -> None:
         """Wait until invalidations sent so far are published (sync mode), bounded.
 

@@ -1,0 +1,86 @@
+"""The synchronous fast path (open_local / close_local) never hides a change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from clustersess import Config, SessionManager, codec
+from clustersess.manager import SLOW
+
+
+async def _stored(manager: SessionManager, **data: Any) -> str:
+    handle = await manager.open(None)
+    handle.session.update(data)
+    cookie = await manager.close(handle)
+    assert cookie
+    return cookie
+
+
+@pytest.fixture
+def manager() -> SessionManager:
+    return SessionManager(Config(secret_key=("k",)))
+
+
+async def test_read_of_a_scalar_session_takes_the_fast_path_without_encoding(
+    manager: SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cookie = await _stored(manager, user="ann", n=1, ratio=0.5, ok=True, none=None)
+
+    def no_encode(*args: Any, **kwargs: Any) -> bytes:
+        raise AssertionError("an unchanged scalar session must not be re-encoded")
+
+    monkeypatch.setattr(codec, "encode", no_encode)
+    handle = manager.open_local(cookie)
+    assert handle is not None and handle.session["user"] == "ann"
+    assert manager.close_local(handle) is None
+    assert handle.closed and handle.session._entry.inflight == 0
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.__setitem__("n", 2),
+        lambda s: s.__delitem__("n"),
+        lambda s: s.pop("n"),
+        lambda s: s.popitem(),
+        lambda s: s.clear(),
+        lambda s: s.update(m=3),
+        lambda s: s.setdefault("new", 1),
+        lambda s: s.__ior__({"m": 4}),
+    ],
+    ids=["setitem", "delitem", "pop", "popitem", "clear", "update", "setdefault", "ior"],
+)
+async def test_every_mutation_leaves_the_fast_path(manager: SessionManager, mutate: Any) -> None:
+    cookie = await _stored(manager, n=1, keep="x")
+    handle = manager.open_local(cookie)
+    assert handle is not None
+    before = handle.session._entry.version
+    mutate(handle.session)
+    assert manager.close_local(handle) is SLOW
+    await manager.close(handle)
+    assert handle.session._entry.version == before + 1
+
+
+async def test_nested_values_are_always_compared(manager: SessionManager) -> None:
+    cookie = await _stored(manager, cart=[1])
+    handle = manager.open_local(cookie)
+    assert handle is not None
+    assert manager.close_local(handle) is SLOW  # a list could have been changed in place
+    await manager.close(handle)
+    handle = manager.open_local(cookie)
+    assert handle is not None
+    handle.session["cart"].append(2)
+    await manager.close(handle)
+    handle = await manager.open(cookie)
+    assert handle.session["cart"] == [1, 2] and handle.session._entry.version == 2
+    await manager.close(handle)
+
+
+async def test_unknown_or_foreign_cookies_take_the_full_path(manager: SessionManager) -> None:
+    cookie = await _stored(manager, n=1)
+    assert manager.open_local(cookie.rsplit(".", 1)[0] + ".node9") is None  # another owner
+    assert manager.open_local("garbage") is None  # never verified
+    other = SessionManager(Config(secret_key=("k",)))
+    assert other.open_local(cookie) is None  # verified there, unknown here
