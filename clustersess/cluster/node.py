@@ -277,7 +277,9 @@ class ClusterNode:
         return entry
 
     async def _acquire(self, token: str) -> Entry | None:
-        deadline = time.monotonic() + self.config.ack_timeout
+        # Twice the holders' wait for their requests in flight (_release_when_idle), so
+        # a busy owner's answer still arrives in time.
+        deadline = time.monotonic() + 2 * self.config.ack_timeout
         attempt = 0
         try:
             while True:
@@ -588,7 +590,7 @@ class ClusterNode:
 
     async def _release_when_idle(self, src: str, body: m.Fetch, entry: Entry) -> None:
         # Let requests in flight here commit before the session leaves (bounded).
-        deadline = time.monotonic() + self.config.ack_timeout / 2
+        deadline = time.monotonic() + self.config.ack_timeout
         while entry.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
         self._answer_fetch(src, body)
