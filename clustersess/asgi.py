@@ -132,7 +132,7 @@ class ClusterSessionMiddleware:
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                if manager.close_local(handle) is None:  # unchanged, cookie current
+                if manager.close_local(handle):  # unchanged, cookie current
                     headers = message.setdefault("headers", [])
                     if type(headers) is not list:
                         headers = message["headers"] = list(headers)

@@ -30,8 +30,6 @@ log = logging.getLogger("clustersess")
 
 #: what close() asks the adapter to do with the cookie
 DELETE_COOKIE = ""
-#: close_local(): the request needs the full (awaited) close()
-SLOW = object()
 
 
 class Replicator(Protocol):
@@ -193,6 +191,7 @@ class SessionManager:
             entry.session = session
             entry.inflight = 1
             return Handle(session, cookie, resign=False)
+        assert verified is not None  # an entry is only found for a verified cookie
         return Handle(self._live(entry), cookie, resign=verified.resign)
 
     def open_local(self, cookie: str) -> Handle | None:
@@ -259,9 +258,8 @@ class SessionManager:
                 the session keeps its last committed state.
             SessionTooLarge: the session is over ``max_session_size``; likewise.
         """
-        fast = self.close_local(handle)
-        if fast is not SLOW:
-            return fast
+        if self.close_local(handle):
+            return None
         assert not handle.closed, "close() called twice for one request"
         handle.closed = True
         session = handle.session
@@ -277,23 +275,23 @@ class SessionManager:
             return None
         return cookie
 
-    def close_local(self, handle: Handle) -> str | None | object:
+    def close_local(self, handle: Handle) -> bool:
         """The fast path of :meth:`close`: nothing changed and the cookie is current.
 
-        Returns ``None`` (no cookie to send; the handle is closed) or ``SLOW``, meaning
-        "await :meth:`close`".
+        Returns True when the request is done (the handle is closed, no cookie to send);
+        False means "await :meth:`close`".
         """
         session = handle.session
         entry = session._entry
         if not session._clean or entry.dirty or entry.version == 0 or handle.resign or handle.closed:
-            return SLOW
+            return False
         if self.cluster is not None and self.cluster.unsettled():
-            return SLOW
+            return False
         if self._cookie_for(entry) != handle.cookie_in:
-            return SLOW
+            return False
         handle.closed = True
         entry.inflight -= 1
-        return None
+        return True
 
     def abandon(self, handle: Handle) -> None:
         """The request failed before its response: release without committing."""

@@ -57,7 +57,7 @@ def _num(body: dict[str, Any], key: str) -> float:
 
 
 def _token(body: dict[str, Any], key: str = "k") -> str:
-    value = _get(body, key, str)
+    value: str = _get(body, key, str)
     # ids owns the format; str.isalnum() would also pass non-ASCII letters and digits
     if not TOKEN_RE.fullmatch(value):
         raise Malformed("bad token")

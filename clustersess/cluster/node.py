@@ -680,7 +680,7 @@ class ClusterNode:
     # -- status ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
-        members = [
+        members: list[dict[str, Any]] = [
             {
                 "name": self.name,
                 "incarnation": self.incarnation,
@@ -701,7 +701,7 @@ class ClusterNode:
                     "address": member.address,
                     "owned": member.owned,
                     "backups": member.backups,
-                    "last_seen": round(now - member.last_seen, 3),
+                    "last_seen": round(max(0.0, now - member.last_seen), 3),
                 }
             )
         return {

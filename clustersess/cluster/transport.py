@@ -113,7 +113,7 @@ class RedisTransport:
                 self.connected = False
                 try:
                     # Bounded: a broken connection must not hold up reconnecting or stopping.
-                    await asyncio.wait_for(asyncio.shield(pubsub.aclose()), 1.0)
+                    await asyncio.wait_for(asyncio.shield(pubsub.aclose()), 1.0)  # type: ignore[no-untyped-call]
                 except Exception:  # the connection is already broken
                     pass
             await asyncio.sleep(self._backoff.compute(failures))
