@@ -265,9 +265,12 @@ class SessionManager:
         session = handle.session
         entry = session._entry
         entry.inflight -= 1
-        changed = await self._commit(entry, session)
+        changed = self._commit(entry, session)
         if self.cluster is not None:
-            await self.cluster.settle()
+            if changed:
+                await self.cluster.replicate(entry)
+            if self.cluster.unsettled():
+                await self.cluster.settle()
         if entry.version == 0:  # nothing stored: new, or destroyed in this request
             return DELETE_COOKIE if session._killed and handle.cookie_in else None
         cookie = self._cookie_for(entry)
@@ -304,7 +307,9 @@ class SessionManager:
             # Nobody else is using the object: drop the failed request's changes.
             handle.session.replace_all(codec.decode(entry.payload))
 
-    async def _commit(self, entry: Entry, session: Session) -> bool:
+    def _commit(self, entry: Entry, session: Session) -> bool:
+        """Store the session's new state locally if it changed; True if it did (the
+        caller then replicates it)."""
         if entry.version == 0 and not session:
             return False
         if session._clean and not entry.dirty and entry.version > 0:
@@ -337,8 +342,6 @@ class SessionManager:
             self._fire("created", entry)
         else:
             self._fire("changed", entry)
-        if self.cluster is not None:
-            await self.cluster.replicate(entry)
         return True
 
     def _cookie_for(self, entry: Entry) -> str:
