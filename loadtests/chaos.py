@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
-import http.client
 import json
 import logging
 import os
@@ -57,7 +56,7 @@ from locust import between, events
 from locust.env import Environment
 
 from clustersess import lb
-from clustersess.demo import DemoError, choose_redis
+from clustersess.demo import DemoError, choose_redis, http_status, redis_ping
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -109,27 +108,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _get(port: int, path: str, timeout: float = 1.0) -> tuple[int, bytes] | None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
-
-
-def _redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
@@ -215,7 +193,7 @@ class Cluster:
         self.redis = Proc("redis", [plan.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                     "--appendonly", "no", "--dir", str(self.rundir)], self.rundir / "redis.log")  # fmt: skip
         self.redis.start()
-        self._wait("redis-server", lambda: _redis_ping(port), self.redis)
+        self._wait("redis-server", lambda: redis_ping(port), self.redis)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTERSESS_") or k in PASSED_THROUGH}
         env.update(
             CLUSTERSESS_SECRET=secrets.token_urlsafe(32),
@@ -250,11 +228,11 @@ class Cluster:
         )
         self.haproxy.start()
         port = self.lb_port
-        self._wait("HAProxy", lambda: (_get(port, "/health") or (0,))[0] == 200, self.haproxy)
+        self._wait("HAProxy", lambda: (http_status("127.0.0.1", port, "/health", timeout=1.0) or (0,))[0] == 200, self.haproxy)
 
     def wait_healthy(self, name: str) -> None:
         port, proc = self.nodes[name]
-        self._wait(name, lambda: (_get(port, "/health") or (0,))[0] == 200, proc)
+        self._wait(name, lambda: (http_status("127.0.0.1", port, "/health", timeout=1.0) or (0,))[0] == 200, proc)
 
     def wait_members(self, timeout: float = 15.0) -> None:
         """Until every live node sees all live nodes."""
@@ -275,7 +253,7 @@ class Cluster:
 
     def status(self, name: str) -> dict[str, Any] | None:
         port, proc = self.nodes[name]
-        answer = _get(port, "/cluster.json") if proc.alive else None
+        answer = http_status("127.0.0.1", port, "/cluster.json", timeout=1.0) if proc.alive else None
         if answer is None or answer[0] != 200:
             return None
         with contextlib.suppress(ValueError):
