@@ -44,8 +44,9 @@ async def eventually(predicate: Callable[[], Any], *, timeout: float = 3.0, what
 
 
 async def delivered() -> None:
-    """Let the bus deliver what was injected (it schedules callbacks with call_soon)."""
-    for _ in range(3):
+    """Let the bus deliver what was injected (it schedules callbacks with call_soon) and
+    the node answer (its flusher yields once before publishing, to batch)."""
+    for _ in range(5):
         await asyncio.sleep(0)
 
 
