@@ -261,8 +261,18 @@ class ClusterNode:
 
     async def acquire(self, token: str, route: str) -> Entry | None:
         """Take session ``token`` over (a request for it arrived here)."""
+        for _ in range(3):
+            running = self._acquiring.get(token)
+            if running is None:
+                break
+            # Another request here is already taking it over: share its result, unless
+            # the session moved on again while we waited to resume (our request was not
+            # in flight yet, so the owner could hand it over without waiting for it).
+            entry = await asyncio.shield(running)
+            if entry is None or self.store.owned.get(token) is entry:
+                return entry
         running = self._acquiring.get(token)
-        if running is not None:
+        if running is not None:  # still contended after three tries: take what it gets
             return await asyncio.shield(running)
         fut: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
         self._acquiring[token] = fut
@@ -277,17 +287,18 @@ class ClusterNode:
         return entry
 
     async def _acquire(self, token: str) -> Entry | None:
-        # Twice the holders' wait for their requests in flight (_release_when_idle), so
-        # a busy owner's answer still arrives in time.
-        deadline = time.monotonic() + 2 * self.config.ack_timeout
+        # Each round waits twice the holders' wait for their requests in flight
+        # (_release_when_idle), so a busy owner's answer still arrives in time; stepping
+        # aside for other takeovers is bounded separately.
+        give_up = time.monotonic() + 4 * self.config.ack_timeout
         attempt = 0
         try:
             while True:
                 # While our FETCH is out and until we own the session, we answer other
                 # takeovers of it with "busy", so two nodes never both win one epoch.
                 self._contending.add(token)
-                replies = await self._fetch_round(token, deadline)
-                if not any(r.busy for r in replies) or time.monotonic() >= deadline:
+                replies = await self._fetch_round(token, time.monotonic() + 2 * self.config.ack_timeout)
+                if not any(r.busy for r in replies) or time.monotonic() >= give_up:
                     break
                 # Another node is taking it over at this very moment: step aside (not
                 # busy ourselves meanwhile) and ask again; it will hand it over then.
