@@ -191,9 +191,8 @@ def test_failover_keeps_the_session_and_reissues_the_cookie_for_the_new_owner(
     node_factory: Callable[..., NodeProcess],
     process_factory: Callable[..., ServerProcess],
 ) -> None:
-    """The issue's full scenario; NEEDS THE CLUSTER LAYER (clustersess/cluster/): real Redis,
-    three clustered nodes, node2 SIGKILLed, its user keeps the session through the LB."""
-    pytest.importorskip("clustersess.cluster.node", reason="the cluster layer has not landed yet")
+    """The issue's full scenario: real Redis, three clustered nodes, node2 SIGKILLed, its
+    user keeps the session through the LB."""
     _binary(kind)
     nodes = _start_nodes(node_factory, redis_url=redis_server.url, env=FAST_CLUSTER)
     node2 = nodes[1]
