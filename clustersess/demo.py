@@ -332,7 +332,7 @@ class Demo:
                 )
             if time.monotonic() > deadline:
                 raise DemoError(f"{what} was not ready after {timeout:.0f}s")
-            time.sleep(0.05)
+            self.stopping.wait(0.05)  # wakes at once on Ctrl-C
 
     def _stop_all(self) -> None:
         if not self.children:
