@@ -113,6 +113,18 @@ def http_get(
         conn.close()
 
 
+def _signal_and_reap(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
+    """Send ``sig`` to a running process and wait for it; SIGKILL it if it lingers."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 # -- redis ------------------------------------------------------------------------------
 
 
@@ -182,14 +194,7 @@ class RedisServer:
         """Stop the server (SIGKILL: a crash; SIGTERM: a clean shutdown) and wait for it."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        _signal_and_reap(self.proc, sig, timeout)
         self.proc = None
 
     def log_text(self) -> str:
@@ -314,14 +319,7 @@ class ServerProcess:
         """Send ``sig`` (default SIGKILL: a crash) and reap the process."""
         if self.proc is None:
             return self.returncode
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        _signal_and_reap(self.proc, sig, timeout)
         self.returncode = self.proc.returncode
         return self.returncode
 
