@@ -18,11 +18,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .manager import SessionManager
 
 
-#: value types that cannot change in place: a session holding only these is unchanged
-#: unless one of the mutating methods below was called
-_SCALARS = frozenset({str, int, float, bool, type(None)})
-
-
 @dataclasses.dataclass(slots=True, eq=False)
 class Entry:
     """One session as a node holds it: as owner (with a live session) or as backup."""
@@ -64,7 +59,7 @@ class Session(dict[str, Any]):
     ``TypeError``) naming the key, at the assignment.
     """
 
-    __slots__ = ("_entry", "_manager", "_killed", "_clean", "accessed")
+    __slots__ = ("_entry", "_manager", "_killed", "_clean", "_deep", "accessed")
 
     def __init__(self, entry: Entry, manager: SessionManager, data: Mapping[str, Any] | None = None) -> None:
         super().__init__(data or {})
@@ -76,10 +71,19 @@ class Session(dict[str, Any]):
         #: provably equal to the committed JSON: untouched since the last commit, and
         #: holding only immutable scalars (nothing nested could have been mutated in place)
         self._clean = False
+        #: may hold a value that is not one of codec.SCALARS (kept conservatively: set by
+        #: any such assignment, cleared only by a recount in only_scalars())
+        self._deep = True
+
+    def only_scalars(self) -> bool:
+        """Every value is one of :data:`codec.SCALARS` (cheap unless a non-scalar was set)."""
+        if self._deep:
+            self._deep = not codec.only_scalars(self)
+        return not self._deep
 
     def _settle_clean(self) -> None:
         """Called when the contents equal the committed JSON (after a commit or a load)."""
-        self._clean = all(type(v) in _SCALARS for v in dict.values(self))
+        self._clean = self.only_scalars()
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -111,7 +115,8 @@ class Session(dict[str, Any]):
 
     # -- validated mutation -----------------------------------------------------------
     def __setitem__(self, key: str, value: Any) -> None:
-        codec.check_value(key, value)
+        if not codec.check_value(key, value):
+            self._deep = True
         self._clean = False
         super().__setitem__(key, value)
 
@@ -121,14 +126,16 @@ class Session(dict[str, Any]):
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         if key not in self:
-            codec.check_value(key, default)
+            if not codec.check_value(key, default):
+                self._deep = True
             self._clean = False
         return super().setdefault(key, default)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         items: dict[str, Any] = dict(*args, **kwargs)
         for key, value in items.items():
-            codec.check_value(key, value)
+            if not codec.check_value(key, value):
+                self._deep = True
         self._clean = False
         super().update(items)
 
@@ -151,6 +158,7 @@ class Session(dict[str, Any]):
     def replace_all(self, data: Iterable[tuple[str, Any]] | Mapping[str, Any]) -> None:
         """Swap the contents without validation (data known good); internal use."""
         self._clean = False
+        self._deep = True
         super().clear()
         super().update(data)
 
