@@ -128,18 +128,28 @@ class ClusterSessionMiddleware:
             return
         # The HTTP path is inlined here (not a helper coroutine): it runs on every
         # request, and each extra coroutine layer costs measurable time per request.
-        finish = self._finish
+        # For the same reason send_wrapper is a plain function returning the awaitable
+        # (the app awaits it either way), and a node without a cluster commits without
+        # awaiting anything.
+        cluster = manager.cluster
 
-        async def send_wrapper(message: Message) -> None:
+        def send_wrapper(message: Message) -> Any:
             if message["type"] == "http.response.start":
                 if manager.close_local(handle):  # unchanged, cookie current
+                    cookie = None
+                elif cluster is None:
+                    cookie = manager.close_nowait(handle)
+                else:
+                    return self._finish_and_send(handle, message, send)
+                if cookie is None and handle.cookie_in is not None:
+                    # _add_cookie()'s most common case, inlined
                     headers = message.setdefault("headers", [])
                     if type(headers) is not list:
                         headers = message["headers"] = list(headers)
                     headers.append(_VARY)
                 else:
-                    await finish(handle, message)
-            await send(message)
+                    self._add_cookie(handle, cookie, message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
@@ -164,9 +174,17 @@ class ClusterSessionMiddleware:
                     log.exception("clustersess: could not commit a websocket session")
                     self.manager.abandon(handle)  # type: ignore[union-attr]
 
+    async def _finish_and_send(self, handle: Handle, message: Message, send: Any) -> None:
+        await self._finish(handle, message)
+        await send(message)
+
     async def _finish(self, handle: Handle, message: Message) -> None:
-        assert self.manager is not None and self.cookies is not None
-        cookie = await self.manager.close(handle)
+        assert self.manager is not None
+        self._add_cookie(handle, await self.manager.close(handle), message)
+
+    def _add_cookie(self, handle: Handle, cookie: str | None, message: Message) -> None:
+        """Put what :meth:`SessionManager.close` answered into the response headers."""
+        assert self.cookies is not None
         headers = message.setdefault("headers", [])
         if not isinstance(headers, list):
             headers = message["headers"] = list(headers)

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 from typing import NamedTuple
 
 import itsdangerous
@@ -85,6 +86,10 @@ class CookieSigner:
         self._current = self._signers[0]
         self._cache: dict[str, Verified] = {}
         self._issued: dict[tuple[str, str], str] = {}
+        #: ``cached(value)``: the result of an earlier successful :meth:`verify` of exactly
+        #: ``value``, or ``None``. The cache's own ``get`` (no Python frame): it runs on
+        #: every request. ``_cache`` is therefore only ever changed in place.
+        self.cached: Callable[[str], Verified | None] = self._cache.get
 
     def cookie_value(self, token: str, route: str) -> str:
         """The cookie value for session ``token`` owned by ``route``."""
@@ -97,10 +102,6 @@ class CookieSigner:
         value = self._issued[(token, route)] = f"{signed}.{route}"
         self._remember(value, Verified(token, route, False))
         return value
-
-    def cached(self, value: str) -> Verified | None:
-        """The result of an earlier successful :meth:`verify` of exactly ``value``."""
-        return self._cache.get(value)
 
     def verify(self, value: str) -> Verified | None:
         """Check a cookie value; ``None`` for anything forged, malformed or oversized."""

@@ -54,6 +54,10 @@ class Handle:
     #: the cookie was signed with an older key: re-issue it even if nothing changed
     resign: bool
     closed: bool = False
+    #: set when ``cookie_in`` is exactly the cookie this node issues for the session
+    #: (current key, routed here): the session's token then; while ``entry.token`` is
+    #: still this very object and the entry is still ours, no cookie needs sending
+    token: str | None = None
 
 
 class SessionManager:
@@ -192,7 +196,8 @@ class SessionManager:
             entry.inflight = 1
             return Handle(session, cookie, resign=False)
         assert verified is not None  # an entry is only found for a verified cookie
-        return Handle(self._live(entry), cookie, resign=verified.resign)
+        current = not verified.resign and verified.route == self.node and entry.token == verified.token
+        return Handle(self._live(entry), cookie, verified.resign, False, entry.token if current else None)
 
     def open_local(self, cookie: str) -> Handle | None:
         """The fast path of :meth:`open`, without awaiting: a cookie verified before, for
@@ -209,16 +214,24 @@ class SessionManager:
         entry.last_accessed = now
         if self.cluster is not None:
             self.cluster.touched(entry)
-        return Handle(self._live(entry), cookie, resign=False)
+        # _live(), inlined: this runs on every request
+        session = entry.session
+        if session is None:
+            session = self._load(entry)
+        entry.inflight += 1
+        return Handle(session, cookie, False, False, entry.token)
 
     def _live(self, entry: Entry) -> Session:
         """The one live session object of ``entry``, counted as in use."""
         session = entry.session
         if session is None:
-            session = Session(entry, self, codec.decode(entry.payload))
-            session._settle_clean()
-            entry.session = session
+            session = self._load(entry)
         entry.inflight += 1
+        return session
+
+    def _load(self, entry: Entry) -> Session:
+        session = entry.session = Session(entry, self, codec.decode(entry.payload))
+        session._settle_clean()
         return session
 
     async def _find(self, token: str, route: str) -> Entry | None:
@@ -251,7 +264,8 @@ class SessionManager:
         """Commit the request's changes; returns the cookie to set.
 
         Returns the cookie value to set, ``DELETE_COOKIE`` to delete it, or ``None`` to
-        send no cookie.
+        send no cookie. When clustered, a change is replicated first (and, in sync mode,
+        acknowledged by the backup) before this returns.
 
         Raises:
             SessionValueError: a value is not JSON-serializable; nothing is stored and
@@ -260,19 +274,31 @@ class SessionManager:
         """
         if self.close_local(handle):
             return None
-        assert not handle.closed, "close() called twice for one request"
-        handle.closed = True
-        session = handle.session
-        entry = session._entry
-        entry.inflight -= 1
-        changed = self._commit(entry, session)
-        if self.cluster is not None:
+        changed = self._commit(handle)
+        cluster = self.cluster
+        if cluster is not None:
             if changed:
-                await self.cluster.replicate(entry)
-            if self.cluster.unsettled():
-                await self.cluster.settle()
+                await cluster.replicate(handle.session._entry)
+            if cluster.unsettled():
+                await cluster.settle()
+        return self._cookie_out(handle, changed)
+
+    def close_nowait(self, handle: Handle) -> str | None:
+        """:meth:`close` for a node without a cluster, where nothing needs awaiting.
+
+        Same result and errors as :meth:`close`; adapters call it when ``self.cluster``
+        is ``None`` to save the coroutine on every write.
+        """
+        if self.cluster is not None:
+            raise RuntimeError("close_nowait() is for a node without a cluster; await close()")
+        return self._cookie_out(handle, self._commit(handle))
+
+    def _cookie_out(self, handle: Handle, changed: bool) -> str | None:
+        entry = handle.session._entry
+        if entry.token is handle.token and entry.owner == self.node:  # see close_local
+            return self._cookie_for(entry) if changed and self.config.max_age is not None else None
         if entry.version == 0:  # nothing stored: new, or destroyed in this request
-            return DELETE_COOKIE if session._killed and handle.cookie_in else None
+            return DELETE_COOKIE if handle.session._killed and handle.cookie_in else None
         cookie = self._cookie_for(entry)
         if cookie == handle.cookie_in and not handle.resign and not (changed and self.config.max_age is not None):
             return None
@@ -286,11 +312,11 @@ class SessionManager:
         """
         session = handle.session
         entry = session._entry
-        if not session._clean or entry.dirty or entry.version == 0 or handle.resign or handle.closed:
+        # rotate() replaces the token and invalidate() the entry, so an unchanged token
+        # object means the request's cookie is still the one to have.
+        if not session._clean or entry.dirty or handle.closed or entry.token is not handle.token or entry.owner != self.node:
             return False
         if self.cluster is not None and self.cluster.unsettled():
-            return False
-        if self._cookie_for(entry) != handle.cookie_in:
             return False
         handle.closed = True
         entry.inflight -= 1
@@ -307,15 +333,21 @@ class SessionManager:
             # Nobody else is using the object: drop the failed request's changes.
             handle.session.replace_all(codec.decode(entry.payload))
 
-    def _commit(self, entry: Entry, session: Session) -> bool:
-        """Store the session's new state locally if it changed; True if it did (the
-        caller then replicates it)."""
+    def _commit(self, handle: Handle) -> bool:
+        """Release the handle and store the session's new state locally if it changed;
+        True if it did (the caller then replicates it)."""
+        assert not handle.closed, "close() called twice for one request"
+        handle.closed = True
+        session = handle.session
+        entry = session._entry
+        entry.inflight -= 1
         if entry.version == 0 and not session:
             return False
         if session._clean and not entry.dirty and entry.version > 0:
             return False  # provably unchanged: skip the encode
+        scalars = session.only_scalars()
         try:
-            payload = codec.encode(session, limit=self.config.max_session_size)
+            payload = codec.encode(session, limit=self.config.max_session_size, scalars=scalars)
         except (SessionValueError, SessionTooLarge) as exc:
             if isinstance(exc, SessionTooLarge):
                 self.stats.too_large += 1
@@ -323,8 +355,9 @@ class SessionManager:
                 self.stats.bad_values += 1
             session.replace_all(codec.decode(entry.payload))
             raise
+        # The contents now equal the committed JSON (session._settle_clean(), inlined).
+        session._clean = scalars
         if payload == entry.payload and entry.version > 0 and not entry.dirty:
-            session._settle_clean()
             return False
         entry.dirty = False
         if entry.token not in self.store.owned and entry.version > 0:
@@ -334,13 +367,13 @@ class SessionManager:
                 self.cluster.reclaim(entry)
         entry.payload = payload
         entry.version += 1
-        session._settle_clean()
         self.stats.commits += 1
         if entry.version == 1:
             self.store.owned[entry.token] = entry
             self.stats.sessions_created += 1
-            self._fire("created", entry)
-        else:
+            if self.listeners:
+                self._fire("created", entry)
+        elif self.listeners:
             self._fire("changed", entry)
         return True
 

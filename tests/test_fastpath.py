@@ -83,3 +83,46 @@ async def test_unknown_or_foreign_cookies_take_the_full_path(manager: SessionMan
     assert manager.open_local("garbage") is None  # never verified
     other = SessionManager(Config(secret_key=("k",)))
     assert other.open_local(cookie) is None  # verified there, unknown here
+
+
+async def test_a_session_is_fast_again_once_its_nested_values_are_gone(manager: SessionManager) -> None:
+    cookie = await _stored(manager, n=1)
+    handle = manager.open_local(cookie)
+    assert handle is not None
+    handle.session["cart"] = ["apple"]  # no longer provably immutable
+    assert await manager.close(handle) is None
+    handle = manager.open_local(cookie)
+    assert handle is not None
+    assert not manager.close_local(handle)
+    del handle.session["cart"]
+    await manager.close(handle)  # the commit recounts: scalars only again
+    handle = manager.open_local(cookie)
+    assert handle is not None
+    assert manager.close_local(handle)
+    assert dict(handle.session) == {"n": 1}
+
+
+async def test_a_write_keeps_the_cookie_it_came_with(manager: SessionManager) -> None:
+    cookie = await _stored(manager, n=1)
+    handle = manager.open_local(cookie)
+    assert handle is not None
+    handle.session["n"] = 2
+    assert manager.close_nowait(handle) is None  # stored, and the cookie is still right
+    handle = manager.open_local(cookie)
+    assert handle is not None and handle.session["n"] == 2
+    handle.session.rotate()
+    new = manager.close_nowait(handle)
+    assert new and new != cookie  # rotated: the new ID must reach the client
+    assert manager.open_local(cookie) is None
+    stale = await manager.open(cookie)  # the old ID is dead: a fresh, empty session
+    assert stale.session.is_new and not stale.session
+    manager.abandon(stale)
+
+
+async def test_close_nowait_is_refused_on_a_clustered_node() -> None:
+    from clustersess.cluster.transport import MemoryBus
+
+    manager = SessionManager(Config(secret_key=("k",)), transport=MemoryBus().transport())
+    handle = await manager.open(None)
+    with pytest.raises(RuntimeError, match="await close"):
+        manager.close_nowait(handle)
