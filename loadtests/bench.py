@@ -17,7 +17,9 @@ signs and sends a new one (the same increment of the same state each time), whic
 still its full write path.
 
 Rounds are interleaved (every contender and test once per round, in a rotating order) so
-slow drift and noise on this 2-core machine spread evenly; the table shows medians.
+slow drift and noise on this 2-core machine spread evenly, and every round starts fresh
+server processes (one process of the same code can be 5-10% faster or slower than the
+next); the table shows medians.
 
     python3 loadtests/bench.py                       # everything, 3 rounds x 5 s
     python3 loadtests/bench.py --only clustersess --rounds 5 --json out.json
@@ -62,8 +64,10 @@ class Server:
     ``app`` is a factory in ``loadtests/`` (``module:function``, run with ``--factory``).
     ``env`` values are ``str.format`` templates over the run context: ``{redis_url}``
     (when a "redis" service runs), ``{name}`` (the contender's name: contenders that
-    share Redis need their own ``CLUSTERSESS_CLUSTER``), ``{secret}``, ``{port}`` (this
-    server's port) and ``{ports[i]}`` (the ports of the contender's servers, in order).
+    share Redis need their own ``CLUSTERSESS_CLUSTER``), ``{round}`` (servers restart
+    every round, and a new cluster per round keeps the last round's members out of it),
+    ``{secret}``, ``{port}`` (this server's port) and ``{ports[i]}`` (the ports of the
+    contender's servers, in order).
     """
 
     app: str
@@ -95,7 +99,7 @@ def _clustered_env(replication: str) -> dict[str, str]:
     return {
         **_CLUSTERSESS_ENV,
         "CLUSTERSESS_REDIS_URL": "{redis_url}",
-        "CLUSTERSESS_CLUSTER": "bench-{name}",
+        "CLUSTERSESS_CLUSTER": "bench-{name}-{round}",
         "CLUSTERSESS_REPLICATION": replication,
     }
 
@@ -278,7 +282,7 @@ def start_contender(name: str, contender: Contender, ctx: Mapping[str, Any], log
                 "--workers",
                 "1",
             ]
-            proc = Proc(f"{name}-{i}", argv, logdir, env)
+            proc = Proc(f"{name}-{ctx.get('round', '')}-{i}", argv, logdir, env)
             procs.append(proc)
         for proc, port in zip(procs, ports):
             _wait_until(lambda port=port: http_get(port, "/health")[0] == 200, proc)  # type: ignore[misc]
@@ -373,24 +377,32 @@ def select(only: str | None) -> list[str]:
 
 
 @contextlib.contextmanager
-def running(names: list[str], logdir: str, services: list[Proc] | None = None) -> Iterator[dict[str, Running]]:
-    """Start the shared services and the contenders' servers; ``services`` receives the former."""
-    services = [] if services is None else services
-    runs: dict[str, Running] = {}
+def services_running(names: list[str], logdir: str) -> Iterator[tuple[dict[str, Any], list[Proc]]]:
+    """Start the services the contenders share (Redis); yields the format context and them."""
+    ctx: dict[str, Any] = {}
+    services: list[Proc] = []
     try:
-        ctx: dict[str, Any] = {}
         for service in sorted({s for n in names for s in CONTENDERS[n].services}):
             services.append(SERVICES[service](ctx, logdir))
+        yield ctx, services
+    finally:
+        for proc in services:
+            proc.stop()
+
+
+@contextlib.contextmanager
+def running(names: list[str], ctx: Mapping[str, Any], logdir: str, tag: str) -> Iterator[dict[str, Running]]:
+    """Start the contenders' servers (fresh processes, named with ``tag``) and their sessions."""
+    runs: dict[str, Running] = {}
+    try:
         for name in names:
-            runs[name] = start_contender(name, CONTENDERS[name], ctx, logdir)
+            runs[name] = start_contender(name, CONTENDERS[name], {**ctx, "round": tag}, logdir)
             create_session(runs[name])
         yield runs
     finally:
         for run in runs.values():
             for proc in run.procs:
                 proc.stop()
-        for proc in services:
-            proc.stop()
 
 
 def process_cpu_seconds(exclude: set[int]) -> dict[int, float]:
@@ -436,6 +448,41 @@ def counter(run: Running) -> int:
     return int(body)
 
 
+def measure_one(
+    args: argparse.Namespace,
+    run: Running,
+    runs: Mapping[str, Running],
+    services: list[Proc],
+    test: str,
+    wrk: Mapping[str, Any],
+    counts: dict[str, dict[str, int]],
+) -> dict[str, Any]:
+    """One wrk run of ``test`` against ``run``, with its server CPU and the machine's noise."""
+    for proc in run.procs:
+        proc.check_alive()
+    before = counter(run) if test == "write" else 0
+    cpu = sum(proc.cpu_seconds() for proc in run.procs)
+    # this script (and wrk, its child), the servers and the services
+    exclude = {os.getpid(), *(p.popen.pid for r in runs.values() for p in r.procs)}
+    exclude.update(p.popen.pid for p in services)
+    if args.settle > 0:
+        wait_for_quiet(exclude, args.settle)
+    snapshot, start = process_cpu_seconds(exclude), time.monotonic()
+    res = run_wrk(run.port, f"/{test}", run.cookie, duration=args.duration, **wrk)
+    wall = time.monotonic() - start
+    others = other_cpu_seconds(snapshot, process_cpu_seconds(exclude))
+    cpu = sum(proc.cpu_seconds() for proc in run.procs) - cpu
+    # Server CPU per request is far less sensitive to other load on the machine than
+    # req/s: it is the cost, not the share of a core we got.
+    res["cpu_us"] = cpu / max(res["requests"], 1) * 1e6
+    # What everything else on the machine used meanwhile, in CPUs: the noise.
+    res["other_load"] = others / wall
+    if test == "write":
+        counts[run.name]["requests"] += res["requests"]
+        counts[run.name]["increments"] += counter(run) - before
+    return res
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     names = select(args.only)
     tests = [t for t in TESTS if t in args.tests.split(",")]
@@ -445,49 +492,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         lua = os.path.join(tmp, "report.lua")
         with open(lua, "w") as f:
             f.write(WRK_LUA)
-        services: list[Proc] = []
-        with running(names, tmp, services) as runs:
+        # Every round starts every server afresh. One process can be several per cent
+        # faster or slower than another running the very same code (memory layout, hash
+        # seed); with a new process per round, the medians measure the code, not the luck
+        # of one process.
+        with services_running(names, tmp) as (ctx, services):
             wrk = {"connections": args.connections, "lua": lua}
-            if args.warmup > 0:
-                for name in names:
-                    for test in tests:
-                        run_wrk(runs[name].port, f"/{test}", runs[name].cookie, duration=args.warmup, **wrk)
             for rnd in range(args.rounds):
-                shift = rnd % len(names)  # rotate the order so no contender always goes first
-                for name in names[shift:] + names[:shift]:
-                    run = runs[name]
-                    for test in tests:
-                        for proc in run.procs:
-                            proc.check_alive()
-                        before = counter(run) if test == "write" else 0
-                        cpu = sum(proc.cpu_seconds() for proc in run.procs)
-                        # this script (and wrk, its child), the servers and the services
-                        exclude = {os.getpid(), *(p.popen.pid for r in runs.values() for p in r.procs)}
-                        exclude.update(p.popen.pid for p in services)
-                        if args.settle > 0:
-                            wait_for_quiet(exclude, args.settle)
-                        snapshot, start = process_cpu_seconds(exclude), time.monotonic()
-                        res = run_wrk(run.port, f"/{test}", run.cookie, duration=args.duration, **wrk)
-                        wall = time.monotonic() - start
-                        others = other_cpu_seconds(snapshot, process_cpu_seconds(exclude))
-                        cpu = sum(proc.cpu_seconds() for proc in run.procs) - cpu
-                        # Server CPU per request is far less sensitive to other load on the
-                        # machine than req/s: it is the cost, not the share of a core we got.
-                        res["cpu_us"] = cpu / max(res["requests"], 1) * 1e6
-                        # What everything else on the machine used meanwhile, in CPUs: the noise.
-                        res["other_load"] = others / wall
-                        if test == "write":
-                            counts[name]["requests"] += res["requests"]
-                            counts[name]["increments"] += counter(run) - before
-                        samples[name, test].append(res)
-                        flag = f"  ERRORS: {res['errors']}" if res["errors"] else ""
-                        print(
-                            f"  round {rnd + 1}/{args.rounds}  {name:<20} {test:<5} {res['rps']:9.0f} req/s"
-                            f"  p50 {res['p50_us'] / 1000:6.2f} ms  p99 {res['p99_us'] / 1000:6.2f} ms"
-                            f"  cpu {res['cpu_us']:5.1f} us/req  other load {res['other_load']:4.2f} CPUs{flag}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                with running(names, ctx, tmp, f"r{rnd + 1}") as runs:
+                    if args.warmup > 0:
+                        for name in names:
+                            for test in tests:
+                                run_wrk(runs[name].port, f"/{test}", runs[name].cookie, duration=args.warmup, **wrk)
+                    shift = rnd % len(names)  # rotate the order so no contender always goes first
+                    for name in names[shift:] + names[:shift]:
+                        run = runs[name]
+                        for test in tests:
+                            samples[name, test].append(measure_one(args, run, runs, services, test, wrk, counts))
+                            res = samples[name, test][-1]
+                            flag = f"  ERRORS: {res['errors']}" if res["errors"] else ""
+                            print(
+                                f"  round {rnd + 1}/{args.rounds}  {name:<20} {test:<5} {res['rps']:9.0f} req/s"
+                                f"  p50 {res['p50_us'] / 1000:6.2f} ms  p99 {res['p99_us'] / 1000:6.2f} ms"
+                                f"  cpu {res['cpu_us']:5.1f} us/req  other load {res['other_load']:4.2f} CPUs{flag}",
+                                file=sys.stderr,
+                                flush=True,
+                            )
     summary: dict[str, dict[str, Any]] = {}
     for (name, test), rows in samples.items():
         summary.setdefault(name, {})[test] = {
@@ -589,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=int, default=5, help="whole seconds per wrk run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians (default 3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
-    parser.add_argument("--warmup", type=int, default=1, help="whole seconds of unmeasured load per contender and test")
+    parser.add_argument("--warmup", type=int, default=1, help="whole seconds of unmeasured load per contender and test, every round")
     parser.add_argument(
         "--settle",
         type=float,
