@@ -101,20 +101,23 @@ class ClusterSessionMiddleware:
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        kind = scope["type"]
-        if kind != "http" and kind != "websocket":
-            if kind == "lifespan":
-                await self._lifespan(scope, receive, send)
-            else:  # pragma: no cover
-                await self.app(scope, receive, send)
+        if scope["type"] != "http" or not self._started:
+            await self._dispatch(scope, receive, send)
             return
-        manager = self.manager
-        if manager is None:
-            assert self.config_error is not None
-            raise self.config_error
-        if not self._started:
-            await self._ensure_started()
-        cookie = self._read_cookie(scope)
+        manager: SessionManager = self.manager  # type: ignore[assignment]  # set: started
+        # _read_cookie(), with its common case inlined: a Cookie header seen before.
+        cookie = None
+        for key, value in scope["headers"]:
+            if key == b"cookie":
+                try:
+                    cookie = self._header_cache.get(value, _UNSEEN)
+                except TypeError:  # not bytes (unhashable): never cached
+                    cookie = _UNSEEN
+                if cookie is _UNSEEN:
+                    cookie = self._read_cookie(scope)
+                    break
+                if cookie is not None:
+                    break
         # The common case (a known cookie for a session this node owns) needs no await.
         handle = manager.open_local(cookie) if cookie else None
         if handle is None:
@@ -123,9 +126,6 @@ class ClusterSessionMiddleware:
         session.accessed = False
         scope["session"] = session
         scope["clustersess.manager"] = manager
-        if kind == "websocket":
-            await self._websocket(scope, receive, send, handle)
-            return
         # The HTTP path is inlined here (not a helper coroutine): it runs on every
         # request, and each extra coroutine layer costs measurable time per request.
         # For the same reason send_wrapper is a plain function returning the awaitable
@@ -136,19 +136,19 @@ class ClusterSessionMiddleware:
         def send_wrapper(message: Message) -> Any:
             if message["type"] == "http.response.start":
                 if manager.close_local(handle):  # unchanged, cookie current
-                    cookie = None
+                    out = None
                 elif cluster is None:
-                    cookie = manager.close_nowait(handle)
+                    out = manager.close_nowait(handle)
                 else:
                     return self._finish_and_send(handle, message, send)
-                if cookie is None and handle.cookie_in is not None:
+                if out is None and handle.cookie_in is not None:
                     # _add_cookie()'s most common case, inlined
                     headers = message.setdefault("headers", [])
                     if type(headers) is not list:
                         headers = message["headers"] = list(headers)
                     headers.append(_VARY)
                 else:
-                    self._add_cookie(handle, cookie, message)
+                    self._add_cookie(handle, out, message)
             return send(message)
 
         try:
@@ -157,7 +157,34 @@ class ClusterSessionMiddleware:
             if not handle.closed:
                 manager.abandon(handle)
 
-    async def _websocket(self, scope: Scope, receive: Any, send: Any, handle: Handle) -> None:
+    async def _dispatch(self, scope: Scope, receive: Any, send: Any) -> None:
+        """Everything but an HTTP request on a started node: lifespan, WebSocket, start-up."""
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if kind != "http" and kind != "websocket":  # pragma: no cover
+            await self.app(scope, receive, send)
+            return
+        if self.manager is None:
+            assert self.config_error is not None
+            raise self.config_error
+        if not self._started:
+            await self._ensure_started()
+        if kind == "http":
+            await self(scope, receive, send)
+        else:
+            await self._websocket(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
+        assert self.manager is not None
+        cookie = self._read_cookie(scope)
+        handle = await self.manager.open(cookie)
+        session = handle.session
+        session.accessed = False
+        scope["session"] = session
+        scope["clustersess.manager"] = self.manager
+
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "websocket.accept" and not handle.closed:
                 await self._finish(handle, message)

@@ -92,6 +92,11 @@ class SessionManager:
             self.cluster = ClusterNode(self, transport)
         self._runner: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
+        # Looked up on every request: bound once (LocalStore never rebinds its dicts).
+        self._verified = self.signer.cached
+        self._owned = self.store.owned
+        self._time = self.clock.time
+        self._max_inactive = config.max_inactive
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -202,14 +207,14 @@ class SessionManager:
     def open_local(self, cookie: str) -> Handle | None:
         """The fast path of :meth:`open`, without awaiting: a cookie verified before, for
         a live session this node owns. ``None`` means "take the full path"."""
-        verified = self.signer.cached(cookie)
+        verified = self._verified(cookie)
         if verified is None or verified.resign or verified.route != self.node:
             return None
-        entry = self.store.owned.get(verified.token)
+        entry = self._owned.get(verified.token)
         if entry is None:
             return None
-        now = self.clock.time()
-        if now - entry.last_accessed > self.config.max_inactive:
+        now = self._time()
+        if now - entry.last_accessed > self._max_inactive:
             return None
         entry.last_accessed = now
         if self.cluster is not None:
@@ -291,7 +296,11 @@ class SessionManager:
         """
         if self.cluster is not None:
             raise RuntimeError("close_nowait() is for a node without a cluster; await close()")
-        return self._cookie_out(handle, self._commit(handle))
+        changed = self._commit(handle)
+        entry = handle.session._entry
+        if entry.token is handle.token and entry.owner == self.node and self.config.max_age is None:
+            return None  # _cookie_out()'s common case, inlined: the request's cookie is right
+        return self._cookie_out(handle, changed)
 
     def _cookie_out(self, handle: Handle, changed: bool) -> str | None:
         entry = handle.session._entry
@@ -312,9 +321,9 @@ class SessionManager:
         """
         session = handle.session
         entry = session._entry
-        # rotate() replaces the token and invalidate() the entry, so an unchanged token
-        # object means the request's cookie is still the one to have.
-        if not session._clean or entry.dirty or handle.closed or entry.token is not handle.token or entry.owner != self.node:
+        # rotate() replaces the token (and unsettles the session) and invalidate() the
+        # entry, so an unchanged token object means the request's cookie is still right.
+        if not session._clean or handle.closed or entry.token is not handle.token or entry.owner != self.node:
             return False
         if self.cluster is not None and self.cluster.unsettled():
             return False
@@ -345,7 +354,7 @@ class SessionManager:
             return False
         if session._clean and not entry.dirty and entry.version > 0:
             return False  # provably unchanged: skip the encode
-        scalars = session.only_scalars()
+        scalars = not session._deep or session.only_scalars()
         try:
             payload = codec.encode(session, limit=self.config.max_session_size, scalars=scalars)
         except (SessionValueError, SessionTooLarge) as exc:
@@ -393,6 +402,7 @@ class SessionManager:
             # Commit at request end even if the data is unchanged: the new token must
             # reach the backup.
             entry.dirty = True
+            session._clean = False
             if self.cluster is not None:
                 self.cluster.buried([old], "invalidated")
 
