@@ -86,18 +86,18 @@ def check_value(key: Any, value: Any) -> bool:
 
     Returns whether ``value`` is one of :data:`SCALARS` (exactly, not a subclass).
     """
-    if not isinstance(key, str):
-        raise SessionValueError(repr(key), f"keys must be str, not {type(key).__name__}")
-    # Fast path for the values that always encode (most assignments): no encoder run.
     kind = type(value)
-    if (
+    # The values that always encode, most common first (this runs on every assignment).
+    if type(key) is str and (
         (kind is str and value.isascii())
+        or (kind is int and value.bit_length() < 8192)  # far below int-to-str's digit limit
         or kind is bool
         or value is None
-        or (kind is int and value.bit_length() < 8192)  # far below int-to-str's digit limit
         or (kind is float and math.isfinite(value))
     ):
         return True
+    if not isinstance(key, str):
+        raise SessionValueError(repr(key), f"keys must be str, not {type(key).__name__}")
     try:
         _encoder.encode(value).encode("utf-8")  # utf-8 too: lone surrogates cannot be stored
     except (TypeError, ValueError) as exc:

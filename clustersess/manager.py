@@ -60,6 +60,9 @@ class Handle:
     token: str | None = None
 
 
+_new_handle = object.__new__
+
+
 class SessionManager:
     """Holds this node's sessions. One per node (per process).
 
@@ -97,6 +100,7 @@ class SessionManager:
         self._owned = self.store.owned
         self._time = self.clock.time
         self._max_inactive = config.max_inactive
+        self._max_size = config.max_session_size
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -224,7 +228,14 @@ class SessionManager:
         if session is None:
             session = self._load(entry)
         entry.inflight += 1
-        return Handle(session, cookie, False, False, entry.token)
+        # Handle(session, cookie, False, False, entry.token) without the Python-level
+        # __init__ call, which costs as much as the rest of this method.
+        handle = _new_handle(Handle)
+        handle.session = session
+        handle.cookie_in = cookie
+        handle.resign = handle.closed = False
+        handle.token = entry.token
+        return handle
 
     def _live(self, entry: Entry) -> Session:
         """The one live session object of ``entry``, counted as in use."""
@@ -356,7 +367,7 @@ class SessionManager:
             return False  # provably unchanged: skip the encode
         scalars = not session._deep or session.only_scalars()
         try:
-            payload = codec.encode(session, limit=self.config.max_session_size, scalars=scalars)
+            payload = codec.encode(session, limit=self._max_size, scalars=scalars)
         except (SessionValueError, SessionTooLarge) as exc:
             if isinstance(exc, SessionTooLarge):
                 self.stats.too_large += 1
@@ -369,7 +380,7 @@ class SessionManager:
         if payload == entry.payload and entry.version > 0 and not entry.dirty:
             return False
         entry.dirty = False
-        if entry.token not in self.store.owned and entry.version > 0:
+        if entry.version > 0 and entry.token not in self._owned:
             # Ownership moved away while this request ran: adopt it again so the write
             # is not lost; the cluster resolves the order by epoch.
             if self.cluster is not None:

@@ -118,7 +118,7 @@ class Session(dict[str, Any]):
         if not codec.check_value(key, value):
             self._deep = True
         self._clean = False
-        super().__setitem__(key, value)
+        dict.__setitem__(self, key, value)
 
     def __delitem__(self, key: str) -> None:
         self._clean = False
