@@ -65,6 +65,9 @@ class ClusterSessionMiddleware:
     ) -> None:
         self.app = app
         self.config_error: ConfigError | None = None
+        # True once the manager runs; until then every call goes through _dispatch()
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
         if manager is None:
             if config is None:
                 if secret_key is not None and not isinstance(secret_key, (list, tuple)):
@@ -97,8 +100,6 @@ class ClusterSessionMiddleware:
         self._cookie_name = manager.config.session_cookie
         #: raw Cookie header -> our cookie's value (see _read_cookie)
         self._header_cache: dict[bytes, str | None] = {}
-        self._start_lock: asyncio.Lock | None = None
-        self._started = False
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not self._started:
@@ -131,22 +132,18 @@ class ClusterSessionMiddleware:
         # For the same reason send_wrapper is a plain function returning the awaitable
         # (the app awaits it either way), and a node without a cluster commits without
         # awaiting anything.
-        cluster = manager.cluster
 
         def send_wrapper(message: Message) -> Any:
             if message["type"] == "http.response.start":
                 if manager.close_local(handle):  # unchanged, cookie current
                     out = None
-                elif cluster is None:
+                elif manager.cluster is None:
                     out = manager.close_nowait(handle)
                 else:
                     return self._finish_and_send(handle, message, send)
-                if out is None and handle.cookie_in is not None:
-                    # _add_cookie()'s most common case, inlined
-                    headers = message.setdefault("headers", [])
-                    if type(headers) is not list:
-                        headers = message["headers"] = list(headers)
-                    headers.append(_VARY)
+                headers = message.get("headers")
+                if out is None and type(headers) is list and handle.cookie_in is not None:
+                    headers.append(_VARY)  # _add_cookie()'s most common case, inlined
                 else:
                     self._add_cookie(handle, out, message)
             return send(message)

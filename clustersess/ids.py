@@ -75,10 +75,14 @@ class CookieSigner:
 
     ``secret_keys`` are oldest first (itsdangerous' order); the last one signs. Successful
     verifications are cached by exact cookie value, so the HMAC is not recomputed on every
-    request; only values that verified ever enter the cache.
+    request; only values that verified ever enter the cache. With ``route`` (this node's
+    name), :meth:`current_token` answers the question every request asks: is this a cookie
+    this node issues, signed with the newest key, and for which token?
     """
 
-    def __init__(self, secret_keys: tuple[str, ...], *, salt: str = "clustersess.cookie") -> None:
+    def __init__(
+        self, secret_keys: tuple[str, ...], *, salt: str = "clustersess.cookie", route: str | None = None
+    ) -> None:
         assert secret_keys, "Config guarantees at least one key"
         kw = {"salt": salt, "sep": SIGN_SEP, "digest_method": hashlib.sha256}
         # Newest key first: it signs, and it is tried first when verifying.
@@ -86,10 +90,14 @@ class CookieSigner:
         self._current = self._signers[0]
         self._cache: dict[str, Verified] = {}
         self._issued: dict[tuple[str, str], str] = {}
-        #: ``cached(value)``: the result of an earlier successful :meth:`verify` of exactly
-        #: ``value``, or ``None``. The cache's own ``get`` (no Python frame): it runs on
-        #: every request. ``_cache`` is therefore only ever changed in place.
-        self.cached: Callable[[str], Verified | None] = self._cache.get
+        self._route = route
+        #: cookie value -> token, for the cached values that name ``route`` with the newest key
+        self._routed_here: dict[str, str] = {}
+        #: ``current_token(value)``: the token if ``value`` verified before, names this
+        #: signer's ``route`` and was signed with the newest key; else ``None``. It is the
+        #: dict's own ``get`` (no Python frame: it runs on every request), so the dict is
+        #: only ever changed in place.
+        self.current_token: Callable[[str], str | None] = self._routed_here.get
 
     def cookie_value(self, token: str, route: str) -> str:
         """The cookie value for session ``token`` owned by ``route``."""
@@ -131,5 +139,8 @@ class CookieSigner:
             # Cheap bounded cache: drop the oldest half (dicts keep insertion order).
             for key in list(self._cache)[: _CACHE_SIZE // 2]:
                 del self._cache[key]
+                self._routed_here.pop(key, None)
         self._cache[value] = result
+        if result.route == self._route and not result.resign:
+            self._routed_here[value] = result.token
 

@@ -86,7 +86,7 @@ class SessionManager:
         self.clock: Clock = clock or SystemClock()
         self.stats = Stats()
         self.store = LocalStore()
-        self.signer = ids.CookieSigner(config.secret_key)
+        self.signer = ids.CookieSigner(config.secret_key, route=config.node_name)
         self.listeners = list(listeners or [])
         self.cluster: ClusterNode | None = None
         if transport is not None or config.redis_url is not None:
@@ -96,7 +96,7 @@ class SessionManager:
         self._runner: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         # Looked up on every request: bound once (LocalStore never rebinds its dicts).
-        self._verified = self.signer.cached
+        self._current_token = self.signer.current_token
         self._owned = self.store.owned
         self._time = self.clock.time
         self._max_inactive = config.max_inactive
@@ -211,10 +211,10 @@ class SessionManager:
     def open_local(self, cookie: str) -> Handle | None:
         """The fast path of :meth:`open`, without awaiting: a cookie verified before, for
         a live session this node owns. ``None`` means "take the full path"."""
-        verified = self._verified(cookie)
-        if verified is None or verified.resign or verified.route != self.node:
+        token = self._current_token(cookie)
+        if token is None:
             return None
-        entry = self._owned.get(verified.token)
+        entry = self._owned.get(token)
         if entry is None:
             return None
         now = self._time()

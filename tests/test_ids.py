@@ -154,3 +154,27 @@ def test_verify_cache_never_admits_a_failed_value() -> None:
     good = signer.cookie_value(token, ROUTE)
     for _ in range(3):
         assert signer.verify(good) == (token, ROUTE, False)
+
+
+def test_current_token_answers_only_for_cookies_this_node_would_issue() -> None:
+    token = ids.new_token()
+    signer = ids.CookieSigner(("old", "new"), route="node1")
+    mine = signer.cookie_value(token, "node1")
+    assert signer.current_token(mine) == token  # issued here: known at once
+    other = ids.CookieSigner(("new",), route="node2").cookie_value(token, "node2")
+    assert signer.verify(other) is not None and signer.current_token(other) is None  # another route
+    stale = ids.CookieSigner(("old",)).cookie_value(token, "node1")
+    assert signer.verify(stale) is not None and signer.current_token(stale) is None  # needs re-signing
+    fresh = ids.CookieSigner(("new",), route="node1").cookie_value(ids.new_token(), "node1")
+    assert signer.current_token(fresh) is None  # valid, but never verified here yet
+    assert signer.verify(fresh) is not None and signer.current_token(fresh) is not None
+    assert signer.current_token("garbage") is None and signer.verify("garbage") is None
+
+
+def test_current_token_forgets_with_the_bounded_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ids, "_CACHE_SIZE", 4)
+    signer = ids.CookieSigner(("k",), route="node1")
+    cookies = [signer.cookie_value(ids.new_token(), "node1") for _ in range(9)]
+    known = [c for c in cookies if signer.current_token(c) is not None]
+    assert 0 < len(known) <= 4 and known == cookies[-len(known) :]  # the newest survive
+    assert all(signer.verify(c) is not None for c in cookies)  # evicted ones verify again
