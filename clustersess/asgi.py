@@ -123,9 +123,9 @@ class ClusterSessionMiddleware:
         handle = manager.open_local(cookie) if cookie else None
         if handle is None:
             handle = await manager.open(cookie)
-        session = handle.session
-        session.accessed = False
-        scope["session"] = session
+        # session.accessed needs no reset: it only decides Vary for a request without a
+        # cookie, and such a request always gets a new session object.
+        scope["session"] = handle.session
         scope["clustersess.manager"] = manager
         # The HTTP path is inlined here (not a helper coroutine): it runs on every
         # request, and each extra coroutine layer costs measurable time per request.
@@ -177,9 +177,7 @@ class ClusterSessionMiddleware:
         assert self.manager is not None
         cookie = self._read_cookie(scope)
         handle = await self.manager.open(cookie)
-        session = handle.session
-        session.accessed = False
-        scope["session"] = session
+        scope["session"] = handle.session
         scope["clustersess.manager"] = self.manager
 
         async def send_wrapper(message: Message) -> None:
