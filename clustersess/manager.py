@@ -223,15 +223,10 @@ class SessionManager:
         entry.last_accessed = now
         if self.cluster is not None:
             self.cluster.touched(entry)
-        # _live(), inlined: this runs on every request
-        session = entry.session
-        if session is None:
-            session = self._load(entry)
-        entry.inflight += 1
         # Handle(session, cookie, False, False, entry.token) without the Python-level
         # __init__ call, which costs as much as the rest of this method.
         handle = _new_handle(Handle)
-        handle.session = session
+        handle.session = self._live(entry)
         handle.cookie_in = cookie
         handle.resign = handle.closed = False
         handle.token = entry.token
