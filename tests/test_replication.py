@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 
-from clustersess import Config, FakeClock, SessionEvent, SessionListener, SessionManager
+from clustersess import Config, FakeClock, SessionListener, SessionManager
 from clustersess.cluster import MemoryBus
 from clustersess.cluster import messages as m
 from clustersess.cluster.membership import new_incarnation, pick_backup
 from clustersess.cluster.wire import Codec
 from clustersess.manager import DELETE_COOKIE
 from clustersess.session import Entry
+from tests.listeners import Recorder
 from tests.utils import TEST_SECRET, async_wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -166,20 +167,6 @@ class Peer:
 
     def got(self, kind: type[m.Body]) -> list[Any]:
         return [e.body for e in self.received if isinstance(e.body, kind)]
-
-
-class Recorder(SessionListener):
-    def __init__(self) -> None:
-        self.events: list[tuple[str, SessionEvent, str | None]] = []
-
-    def created(self, event: SessionEvent) -> None:
-        self.events.append(("created", event, None))
-
-    def changed(self, event: SessionEvent) -> None:
-        self.events.append(("changed", event, None))
-
-    def destroyed(self, event: SessionEvent, reason: str) -> None:  # type: ignore[override]
-        self.events.append(("destroyed", event, reason))
 
 
 async def write(manager: SessionManager, cookie: str | None, **data: Any) -> str:

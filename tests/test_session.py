@@ -21,25 +21,9 @@ from clustersess import (
 )
 from clustersess.manager import DELETE_COOKIE
 from clustersess.session import Session
+from tests.listeners import Recorder
 
 SECRET = "core-test-secret"
-
-
-class Recorder(SessionListener):
-    def __init__(self) -> None:
-        self.events: list[tuple[str, SessionEvent, str | None]] = []
-
-    def created(self, event: SessionEvent) -> None:
-        self.events.append(("created", event, None))
-
-    def changed(self, event: SessionEvent) -> None:
-        self.events.append(("changed", event, None))
-
-    def destroyed(self, event: SessionEvent, reason: str) -> None:  # type: ignore[override]
-        self.events.append(("destroyed", event, reason))
-
-    def kinds(self) -> list[str]:
-        return [k if r is None else f"{k}:{r}" for k, _, r in self.events]
 
 
 @pytest.fixture
