@@ -17,6 +17,7 @@ the environment, so ``bench.py`` can describe a contender as "an import path plu
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -114,6 +115,55 @@ def make_starsessions_memory() -> Starlette:
     from starsessions import InMemoryStore
 
     return _starsessions(InMemoryStore())
+
+
+class FloorSessionMiddleware:
+    """The least a server-side session middleware can do, as a yardstick (not a product).
+
+    It finds the ``Cookie`` header (parsing each distinct header once), maps the cookie to
+    a plain dict kept in process memory, puts it in ``scope["session"]`` and adds
+    ``Vary: Cookie`` when the response starts; a new session gets a random cookie. No
+    signing, no expiry, no validation, no change detection, no copy: whatever a real
+    middleware does on top of this is its own cost. ``bench.py --only floor`` measures it.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.tokens: dict[bytes, str | None] = {}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = None
+        for key, value in scope["headers"]:
+            if key == b"cookie":
+                token = self.tokens.get(value)
+                if token is None and value not in self.tokens:
+                    found = [c[8:] for c in value.decode("latin-1").split("; ") if c.startswith("session=")]
+                    token = self.tokens[value] = found[0] if found else None
+        session = self.sessions.get(token) if token is not None else None
+        new = session is None
+        if new:
+            session, token = {}, secrets.token_urlsafe(16)
+        scope["session"] = session
+
+        def send_wrapper(message: dict[str, Any]) -> Any:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                if new and session:
+                    self.sessions[token] = session  # type: ignore[index]
+                    headers.append((b"set-cookie", f"session={token}; Path=/; HttpOnly".encode()))
+                headers.append((b"vary", b"Cookie"))
+            return send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+def make_floor() -> Starlette:
+    """:class:`FloorSessionMiddleware`: the cost floor of any server-side session middleware."""
+    return _app([Middleware(FloorSessionMiddleware)])
 
 
 def make_clustersess() -> Starlette:

@@ -123,6 +123,8 @@ CONTENDERS: dict[str, Contender] = {
         services=("redis",),
     ),
     "starsessions-memory": Contender("starsessions + InMemoryStore", (Server("apps:make_starsessions_memory"),)),
+    # A yardstick, opt-in: the least any server-side session middleware does (apps.py).
+    "floor": Contender("floor: cookie -> dict, Vary (no real session)", (Server("apps:make_floor"),), default=False),
     "clustersess": Contender("clustersess, single node", (Server("apps:make_clustersess", _CLUSTERSESS_ENV),)),
     # Clustered: two nodes sharing the one Redis (so each contender has its own cluster
     # name); wrk drives node1, node2 (the backup) runs on the client CPU. Opt-in: --only.
