@@ -506,6 +506,8 @@ async def test_failed_handler_changes_are_dropped(make: Callable[..., Awaitable[
     cookie = h.cookie_value(await h.request("POST", "/write", json={"a": 1}))
     resp = await h.request("GET", "/boom", cookie)
     assert resp.status_code == 500
+    # the failed request (which took the fast path in) no longer holds the session
+    assert [e.inflight for e in h.manager.store.owned.values()] == [0]
     assert (await h.request("GET", "/read", cookie)).json()["data"] == {"a": 1}
     resp = await h.request("GET", "/boom")
     assert resp.status_code == 500 and h.manager.status()["sessions_owned"] == 1
