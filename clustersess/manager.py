@@ -39,7 +39,6 @@ class Replicator(Protocol):
     async def stop(self) -> None: ...
     async def acquire(self, token: str, route: str) -> Entry | None: ...
     async def replicate(self, entry: Entry) -> None: ...
-    def touched(self, entry: Entry) -> None: ...
     def buried(self, tokens: list[str], reason: DestroyReason) -> None: ...
     async def settle(self) -> None: ...
     def unsettled(self) -> bool: ...
@@ -220,9 +219,7 @@ class SessionManager:
         now = self._time()
         if now - entry.last_accessed > self._max_inactive:
             return None
-        entry.last_accessed = now
-        if self.cluster is not None:
-            self.cluster.touched(entry)
+        entry.last_accessed = now  # the cluster sends it to the backup (coalesced)
         # Handle(session, cookie, False, False, entry.token) without the Python-level
         # __init__ call, which costs as much as the rest of this method.
         handle = _new_handle(Handle)
@@ -267,8 +264,6 @@ class SessionManager:
                     self.cluster.buried([token], "expired")
             return None
         entry.last_accessed = now
-        if self.cluster is not None:
-            self.cluster.touched(entry)
         return entry
 
     async def close(self, handle: Handle) -> str | None:

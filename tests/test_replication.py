@@ -469,6 +469,22 @@ async def test_expiry_is_broadcast_and_reads_keep_the_backup_alive(cluster: Clus
     assert (await read(n2, cookie))[1]  # new session
 
 
+async def test_one_pass_sends_access_times_of_the_sessions_used_since_the_last(cluster: Cluster) -> None:
+    # max_inactive of an hour: the periodic pass (every 30 s) stays out of the way
+    n1 = await cluster.add("n1", max_inactive=3600, sweep_interval=3600)
+    n2 = await cluster.add("n2", max_inactive=3600, sweep_interval=3600)
+    await cluster.joined()
+    used, idle = await write(n1, None, a=1), await write(n1, None, b=2)
+    await eventually(lambda: len(n2.store.backups) == 2, what="both backed up")
+    cluster.clock.advance(10)
+    since = cluster.clock.time()
+    assert n1.cluster.send_accesses(since) == 0  # nothing used yet: nothing sent
+    await read(n1, used)
+    assert n1.cluster.send_accesses(since) == 1
+    await eventually(lambda: n2.store.backups[token_of(n1, used)].last_accessed == since, what="ACCESSED")
+    assert n2.store.backups[token_of(n1, idle)].last_accessed == since - 10
+
+
 async def test_a_backup_copy_expires_by_itself_when_the_owner_is_silent(cluster: Cluster) -> None:
     n1, n2 = await cluster.start("n1", "n2", max_inactive=10.0, sweep_interval=3600)
     token = token_of(n1, await write(n1, None, a=1))

@@ -86,7 +86,6 @@ class ClusterNode:
             warn=self._warn,
             on_unreachable=self._unreachable,
         )
-        self._touched: dict[str, Entry] = {}
         self._fetches: dict[str, _Fetch] = {}
         self._acquiring: dict[str, asyncio.Future[Entry | None]] = {}
         self._unsettled: list[asyncio.Future[int]] = []
@@ -225,12 +224,8 @@ class ClusterNode:
                 return  # counted and queued by the flusher
         self.outbox.requeue.add(entry.token)
 
-    def touched(self, entry: Entry) -> None:
-        self._touched[entry.token] = entry
-
     def buried(self, tokens: list[str], reason: str) -> None:
         for t in tokens:
-            self._touched.pop(t, None)
             self.outbox.requeue.discard(t)
         fut = self.outbox.send(self.ch_all, m.Invalidate(tuple(tokens), reason), counted=True)
         assert fut is not None
@@ -428,18 +423,32 @@ class ClusterNode:
                     fut.add_done_callback(consume)
 
     async def _access_flusher(self) -> None:
+        # A read costs the cluster nothing per request: every access_every, one pass over
+        # the owned sessions finds those used since the last pass and tells their backups
+        # (coalesced), so a session that is only read is not expired on its backup.
+        since = self.clock.time()
         while True:
             await asyncio.sleep(self.access_every)
-            if not self._touched or not self.transport.connected:
-                continue
-            touched, self._touched = self._touched, {}
-            by_backup: dict[str, list[tuple[str, int, float]]] = {}
-            for e in touched.values():
-                if e.backup is not None and e.token in self.store.owned:
-                    by_backup.setdefault(e.backup, []).append((e.token, e.epoch, e.last_accessed))
-            for dest, items in by_backup.items():
-                for i in range(0, len(items), 500):
-                    self.outbox.send(self.channel(dest), m.Accessed(tuple(items[i : i + 500])))
+            if not self.transport.connected:
+                continue  # the first pass after reconnecting covers the outage too
+            now = self.clock.time()
+            self.send_accesses(since)
+            # If the wall clock went back, accesses stamped before `since` are caught by
+            # the next pass: one interval late, and the interval is a quarter of the
+            # time a backup waits before expiring.
+            since = now
+
+    def send_accesses(self, since: float) -> int:
+        """Send the last access time of every owned session used at or after ``since`` to
+        its backup; returns how many sessions that covered."""
+        by_backup: dict[str, list[tuple[str, int, float]]] = {}
+        for e in self.store.owned.values():
+            if e.last_accessed >= since and e.backup is not None:
+                by_backup.setdefault(e.backup, []).append((e.token, e.epoch, e.last_accessed))
+        for dest, items in by_backup.items():
+            for i in range(0, len(items), 500):
+                self.outbox.send(self.channel(dest), m.Accessed(tuple(items[i : i + 500])))
+        return sum(map(len, by_backup.values()))
 
     # -- receiving ------------------------------------------------------------------------
     @staticmethod
@@ -613,7 +622,6 @@ class ClusterNode:
             # Give up ownership; keep the copy as a backup until the new owner's epoch
             # is confirmed, in case the new owner dies before replicating.
             self.store.backups[token] = owned
-            self._touched.pop(token, None)
         copy = owned or self.store.backups.get(token)
         state = state_of(copy) if copy is not None and copy.version > 0 else None
         self.outbox.send(self.channel(src), m.FetchReply(body.request, token, state))
