@@ -41,7 +41,9 @@ class Replicator(Protocol):
     async def replicate(self, entry: Entry) -> None: ...
     def buried(self, tokens: list[str], reason: DestroyReason) -> None: ...
     async def settle(self) -> None: ...
-    def unsettled(self) -> bool: ...
+    #: invalidations waiting to be published; :meth:`settle` waits for them. Changed
+    #: only in place: the manager binds the list once and checks it on every request.
+    unsettled: list[Any]
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -100,6 +102,9 @@ class SessionManager:
         self._time = self.clock.time
         self._max_inactive = config.max_inactive
         self._max_size = config.max_session_size
+        #: the cluster's invalidations not yet published (a single node has none): while
+        #: there are any, requests take the full close() path, which waits for them
+        self._unsettled: list[Any] = self.cluster.unsettled if self.cluster is not None else []
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -220,10 +225,14 @@ class SessionManager:
         if now - entry.last_accessed > self._max_inactive:
             return None
         entry.last_accessed = now  # the cluster sends it to the backup (coalesced)
+        session = entry.session  # self._live(entry), inlined
+        if session is None:
+            session = self._load(entry)
+        entry.inflight += 1
         # Handle(session, cookie, False, False, entry.token) without the Python-level
         # __init__ call, which costs as much as the rest of this method.
         handle = _new_handle(Handle)
-        handle.session = self._live(entry)
+        handle.session = session
         handle.cookie_in = cookie
         handle.resign = handle.closed = False
         handle.token = entry.token
@@ -285,7 +294,7 @@ class SessionManager:
         if cluster is not None:
             if changed:
                 await cluster.replicate(handle.session._entry)
-            if cluster.unsettled():
+            if self._unsettled:
                 await cluster.settle()
         return self._cookie_out(handle, changed)
 
@@ -326,7 +335,7 @@ class SessionManager:
         # entry, so an unchanged token object means the request's cookie is still right.
         if not session._clean or handle.closed or entry.token is not handle.token or entry.owner != self.node:
             return False
-        if self.cluster is not None and self.cluster.unsettled():
+        if self._unsettled:
             return False
         handle.closed = True
         entry.inflight -= 1

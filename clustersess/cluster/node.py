@@ -88,7 +88,9 @@ class ClusterNode:
         )
         self._fetches: dict[str, _Fetch] = {}
         self._acquiring: dict[str, asyncio.Future[Entry | None]] = {}
-        self._unsettled: list[asyncio.Future[int]] = []
+        #: invalidations sent but maybe not yet published; changed only in place (the
+        #: manager looks at this very list on every request)
+        self.unsettled: list[asyncio.Future[int]] = []
         #: tokens this node is taking over right now (FETCH out, not yet owned)
         self._contending: set[str] = set()
         #: incarnation of an older live node with our name, if we heard one
@@ -230,11 +232,7 @@ class ClusterNode:
         fut = self.outbox.send(self.ch_all, m.Invalidate(tuple(tokens), reason), counted=True)
         assert fut is not None
         fut.add_done_callback(consume)
-        self._unsettled.append(fut)
-
-    def unsettled(self) -> bool:
-        """Invalidations are waiting to be published."""
-        return bool(self._unsettled)
+        self.unsettled.append(fut)
 
     async def settle(self) -> None:
         """Wait until invalidations sent so far are published (sync mode), bounded.
@@ -242,9 +240,10 @@ class ClusterNode:
         A logout must reach the cluster before the user sees it succeed; otherwise an
         owner killed right after could leave a live copy on its backup.
         """
-        if not self._unsettled:
+        if not self.unsettled:
             return
-        pending, self._unsettled = self._unsettled, []
+        pending = self.unsettled.copy()
+        self.unsettled.clear()
         if self.config.replication == "sync":
             await asyncio.wait(pending, timeout=self.config.ack_timeout)
 
