@@ -69,7 +69,9 @@ def encode(data: dict[str, Any], *, limit: int | None = None, scalars: bool | No
             pass
         else:
             # orjson writes NaN and infinities as null; most sessions hold no "null" at all.
-            if b"null" in raw and not all(math.isfinite(v) for v in dict.values(data) if type(v) is float):
+            # (find(), not ``in``: bytes.__contains__ first tries the needle as an int and
+            # formats a TypeError it then discards, several times the cost of the search.)
+            if raw.find(b"null") >= 0 and not all(math.isfinite(v) for v in dict.values(data) if type(v) is float):
                 raw = None
     if raw is None:
         try:
