@@ -168,6 +168,7 @@ class ClusterSessionMiddleware:
             raise self.config_error
         if not self._started:
             await self._ensure_started()
+            self.manager.app_started()  # a server without lifespan: the app runs now
         if kind == "http":
             await self(scope, receive, send)
         else:
@@ -270,4 +271,9 @@ class ClusterSessionMiddleware:
                 self._started = False
             return message
 
-        await self.app(scope, receive_wrapper, send)
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete" and self.manager is not None:
+                self.manager.app_started()
+            await send(message)
+
+        await self.app(scope, receive_wrapper, send_wrapper)

@@ -35,6 +35,7 @@ ENV_VARS: dict[str, str] = {
     "CLUSTERSESS_ACK_TIMEOUT": "ack_timeout",
     "CLUSTERSESS_CLUSTER": "cluster_name",
     "CLUSTERSESS_HTTPS_ONLY": "https_only",
+    "CLUSTERSESS_GC_FREEZE": "gc_freeze",
 }
 
 
@@ -59,6 +60,8 @@ class Config:
             (Tomcat's channelSendOptions=6); ``"async"`` does not wait.
         ack_timeout: the longest a response waits for that ack.
         notify_listeners_on_replication: also fire session listeners on backup nodes.
+        gc_freeze: once the application has started, run one full garbage collection
+            and freeze what survives (:mod:`clustersess.heap` says why); once per process.
 
     Raises:
         ConfigError: on any invalid value.
@@ -83,6 +86,7 @@ class Config:
     replication: ReplicationMode = "sync"
     ack_timeout: float = 1.0
     notify_listeners_on_replication: bool = False
+    gc_freeze: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.secret_key, str):

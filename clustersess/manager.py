@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import codec, ids
+from . import codec, heap, ids
 from .clock import Clock, SystemClock
 from .config import Config
 from .errors import SessionTooLarge, SessionValueError
@@ -127,6 +128,13 @@ class SessionManager:
                 self._started.clear()
                 raise
 
+    def app_started(self) -> None:
+        """Adapters call this once the application has started (after its own start-up
+        code): with ``config.gc_freeze``, the start-up heap leaves the cyclic GC's care
+        (see :mod:`clustersess.heap`)."""
+        if self.config.gc_freeze:
+            heap.freeze_once()
+
     async def stop(self) -> None:
         """Hand sessions over (when clustered) and stop every background task."""
         if self._runner is None:
@@ -177,6 +185,8 @@ class SessionManager:
             "tombstones": len(self.store.tombstones),
             "members": [],
             "stats": self.stats.as_dict(),
+            # objects the cyclic GC no longer walks (gc_freeze; 0 when off)
+            "gc_frozen_objects": gc.get_freeze_count(),
         }
         if self.cluster is not None:
             info.update(self.cluster.status())

@@ -188,6 +188,7 @@ class ClusterSessionWSGIMiddleware:
         except BaseException:
             self._loop.stop()
             raise
+        self.manager.app_started()  # the app this wraps is built
         atexit.register(self.close)
         if handle_signals:
             self._install_sigterm()

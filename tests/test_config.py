@@ -59,7 +59,9 @@ def test_env_vars_are_parsed() -> None:
         "CLUSTERSESS_MAX_SIZE": "2048",
         "CLUSTERSESS_HTTPS_ONLY": "true",
         "CLUSTERSESS_REPLICATION": "async",
+        "CLUSTERSESS_GC_FREEZE": "0",
     }
+    assert Config.from_env({"CLUSTERSESS_SECRET": "s"}).gc_freeze is True
     cfg = Config.from_env(env)
     assert cfg.secret_key == ("old", "new")  # oldest first; the last one signs
     assert cfg.node_name == "web_3"
@@ -69,6 +71,7 @@ def test_env_vars_are_parsed() -> None:
     assert cfg.max_session_size == 2048
     assert cfg.https_only is True
     assert cfg.replication == "async"
+    assert cfg.gc_freeze is False
 
 
 def test_keywords_win_over_env_and_none_means_not_given() -> None:
