@@ -11,14 +11,17 @@ middleware (and so the object the handlers get as "the session") differs:
 
 Each ``make_*`` function is a uvicorn app factory (``uvicorn --factory``) configured from
 the environment, so ``bench.py`` can describe a contender as "an import path plus env":
-``BENCH_REDIS_URL`` for starsessions' RedisStore, ``CLUSTERSESS_*`` for clustersess.
+``BENCH_REDIS_URL`` for starsessions' RedisStore, ``CLUSTERSESS_*`` for clustersess;
+``BENCH_GC_FREEZE=1`` freezes any contender's heap after start-up, as clustersess does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -68,8 +71,17 @@ async def _request_session(request: Request) -> dict[str, Any]:
     return request.session
 
 
+@contextlib.asynccontextmanager
+async def _freeze_heap(app: Starlette) -> AsyncIterator[None]:
+    # What clustersess does by default (clustersess/heap.py), for another contender.
+    gc.collect()
+    gc.freeze()
+    yield
+
+
 def _app(middleware: list[Middleware], get_session: GetSession = _request_session) -> Starlette:
-    return Starlette(routes=_routes(get_session), middleware=middleware)
+    lifespan = _freeze_heap if os.environ.get("BENCH_GC_FREEZE") == "1" else None
+    return Starlette(routes=_routes(get_session), middleware=middleware, lifespan=lifespan)
 
 
 # -- the contenders ---------------------------------------------------------------------

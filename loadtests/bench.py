@@ -142,6 +142,24 @@ CONTENDERS: dict[str, Contender] = {
         )
         for mode in ("sync", "async")
     },
+    # Opt-in, to size the gc_freeze default (clustersess/heap.py) on both sides: sync
+    # writes without it, and starsessions + Redis (whose requests also wait on Redis)
+    # with the same freeze after start-up (apps.py, BENCH_GC_FREEZE).
+    "clustersess-sync-nofreeze": Contender(
+        "clustersess, 2 nodes, sync, gc_freeze off",
+        (
+            Server("apps:make_clustersess", {**_clustered_env("sync"), "CLUSTERSESS_GC_FREEZE": "0"}),
+            Server("apps:make_clustersess", {**_clustered_env("sync"), "CLUSTERSESS_NODE": "node2"}, cpus=CLIENT_CPUS),
+        ),
+        services=("redis",),
+        default=False,
+    ),
+    "starsessions-redis-frozen": Contender(
+        "starsessions + RedisStore, heap frozen after start-up",
+        (Server("apps:make_starsessions_redis", {"BENCH_REDIS_URL": "{redis_url}", "BENCH_GC_FREEZE": "1"}),),
+        services=("redis",),
+        default=False,
+    ),
 }
 
 
@@ -653,7 +671,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.list:
         for name, contender in CONTENDERS.items():
-            print(f"{name:<20} {contender.label}{'' if contender.default else '  (only with --only)'}")
+            print(f"{name:<26} {contender.label}{'' if contender.default else '  (only with --only)'}")
         return
     missing = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None]
     if missing:
