@@ -249,6 +249,26 @@ async def test_sync_mode_waits_for_the_ack_async_does_not(cluster: Cluster, mode
     assert n1.stats.ack_timeouts == 0
 
 
+async def test_a_write_cancelled_while_waiting_for_its_ack_leaves_nothing_behind(cluster: Cluster) -> None:
+    n1, n2 = await cluster.start("n1", "n2", ack_timeout=0.3)
+    delay_deliveries(cluster, "n2", 0.1)
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+    task = asyncio.create_task(write(n1, None, a=1))
+    await asyncio.sleep(0.02)  # committed locally, waiting for the ack
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (entry,) = n1.store.owned.values()
+    # The copy still arrives and is acknowledged; the cancelled wait's timer never fires.
+    await eventually(lambda: entry.token in n2.store.backups, what="the copy on the backup")
+    await asyncio.sleep(0.4)
+    assert n1.stats.ack_timeouts == 0 and errors == []
+    cookie = n1.signer.cookie_value(entry.token, "n1")
+    assert (await read(n1, cookie))[0] == {"a": 1}
+
+
 async def test_missing_ack_returns_after_ack_timeout_and_requeues(cluster: Cluster) -> None:
     n1, n2 = await cluster.start("n1", "n2", ack_timeout=0.2)
     delay_deliveries(cluster, "n2", None)  # subscribed, but drops everything sent to it
