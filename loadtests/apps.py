@@ -18,7 +18,6 @@ the environment, so ``bench.py`` can describe a contender as "an import path plu
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -73,9 +72,10 @@ async def _request_session(request: Request) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def _freeze_heap(app: Starlette) -> AsyncIterator[None]:
-    # What clustersess does by default (clustersess/heap.py), for another contender.
-    gc.collect()
-    gc.freeze()
+    # What clustersess does by default, for another contender.
+    from clustersess.heap import freeze_once
+
+    freeze_once()
     yield
 
 

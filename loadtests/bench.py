@@ -112,6 +112,21 @@ def _clustered_env(replication: str) -> dict[str, str]:
     }
 
 
+def _clustered(label: str, replication: str, node1_env: Mapping[str, str] | None = None) -> Contender:
+    """Two nodes sharing the one Redis (so each contender has its own cluster name); wrk
+    drives node1 (plus ``node1_env``), node2 (the backup) runs on the client CPU. Opt-in."""
+    env = _clustered_env(replication)
+    return Contender(
+        label,
+        (
+            Server("apps:make_clustersess", {**env, **(node1_env or {})}),
+            Server("apps:make_clustersess", {**env, "CLUSTERSESS_NODE": "node2"}, cpus=CLIENT_CPUS),
+        ),
+        services=("redis",),
+        default=False,
+    )
+
+
 CONTENDERS: dict[str, Contender] = {
     "baseline": Contender("no session middleware", (Server("apps:make_baseline"),), sets_cookie=False),
     "starlette": Contender(
@@ -126,33 +141,15 @@ CONTENDERS: dict[str, Contender] = {
     # A yardstick, opt-in: the least any server-side session middleware does (apps.py).
     "floor": Contender("floor: cookie -> dict, Vary (no real session)", (Server("apps:make_floor"),), default=False),
     "clustersess": Contender("clustersess, single node", (Server("apps:make_clustersess", _CLUSTERSESS_ENV),)),
-    # Clustered: two nodes sharing the one Redis (so each contender has its own cluster
-    # name); wrk drives node1, node2 (the backup) runs on the client CPU. Opt-in: --only.
+    # Clustered (opt-in: --only), see _clustered().
     **{
-        f"clustersess-{mode}": Contender(
-            f"clustersess, 2 nodes, {mode} replication",
-            (
-                Server("apps:make_clustersess", _clustered_env(mode)),
-                Server(
-                    "apps:make_clustersess", {**_clustered_env(mode), "CLUSTERSESS_NODE": "node2"}, cpus=CLIENT_CPUS
-                ),
-            ),
-            services=("redis",),
-            default=False,
-        )
-        for mode in ("sync", "async")
+        f"clustersess-{mode}": _clustered(f"clustersess, 2 nodes, {mode} replication", mode) for mode in ("sync", "async")
     },
     # Opt-in, to size the gc_freeze default (clustersess/heap.py) on both sides: sync
     # writes without it, and starsessions + Redis (whose requests also wait on Redis)
     # with the same freeze after start-up (apps.py, BENCH_GC_FREEZE).
-    "clustersess-sync-nofreeze": Contender(
-        "clustersess, 2 nodes, sync, gc_freeze off",
-        (
-            Server("apps:make_clustersess", {**_clustered_env("sync"), "CLUSTERSESS_GC_FREEZE": "0"}),
-            Server("apps:make_clustersess", {**_clustered_env("sync"), "CLUSTERSESS_NODE": "node2"}, cpus=CLIENT_CPUS),
-        ),
-        services=("redis",),
-        default=False,
+    "clustersess-sync-nofreeze": _clustered(
+        "clustersess, 2 nodes, sync, gc_freeze off", "sync", {"CLUSTERSESS_GC_FREEZE": "0"}
     ),
     "starsessions-redis-frozen": Contender(
         "starsessions + RedisStore, heap frozen after start-up",
