@@ -13,7 +13,7 @@ import pytest
 from clustersess import Config, DuplicateNodeError, SessionManager, ids
 from clustersess.cluster import messages as m
 from clustersess.cluster.membership import Membership, new_incarnation, pick_backup
-from tests.test_replication import FAST, Cluster, Peer, eventually, read, token_of, write
+from tests.memcluster import FAST, Cluster, Peer, eventually, read, token_of, write
 
 TOKENS = [ids.new_token() for _ in range(10_000)]
 NODES = ["n1", "n2", "n3", "n4"]

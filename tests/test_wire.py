@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from clustersess import ids
 from clustersess.cluster import messages as m
 from clustersess.cluster.wire import MAC_LEN, MAX_MESSAGE, BadMac, BadMessage, Codec, WireError
+from tests.listeners import Recorder
+from tests.memcluster import Cluster, Peer, delivered, eventually, token_of, write
 from tests.test_messages import ALL_BODIES, JSON
-from tests.test_replication import Cluster, Peer, Recorder, delivered, eventually, token_of, write
 from tests.utils import TEST_SECRET
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
