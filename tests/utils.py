@@ -22,12 +22,18 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
+
+from clustersess.cookies import CookieAction
+
+if TYPE_CHECKING:
+    from clustersess.manager import Handle, SessionManager
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-4f1c9a2e7d3b5a60-not-for-production"
 
 __all__ = [
+    "DELETED",
     "REPO_ROOT",
     "TEST_SECRET",
     "NodeProcess",
@@ -35,10 +41,24 @@ __all__ = [
     "ServerProcess",
     "async_wait_until",
     "base_env",
+    "cookie_after",
     "free_port",
     "http_get",
     "wait_until",
 ]
+
+
+#: what :func:`cookie_after` answers for a response that deletes the cookie
+DELETED = "<deleted>"
+
+
+async def cookie_after(manager: SessionManager, handle: Handle) -> str | None:
+    """``manager.close(handle)`` as the client sees it: the cookie value a Set-Cookie
+    carries, :data:`DELETED`, or ``None`` (no Set-Cookie)."""
+    action = await manager.close(handle)
+    if action is CookieAction.SET:
+        return manager.cookie_value(handle)
+    return DELETED if action is CookieAction.DELETE else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
