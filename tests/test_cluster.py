@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from tests.cluster_utils import Client, by_name, cluster, others, status, wait_members
-from tests.utils import NodeProcess, TEST_SECRET, wait_until
+from tests.utils import TEST_SECRET, NodeProcess, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -146,11 +146,18 @@ async def test_nodes_discover_each_other_and_expire_a_silent_one(cluster: Cluste
     assert [x["name"] for x in status["members"]] == ["n1", "n2", "n3"]
     assert [x["state"] for x in status["members"]] == ["up", "up", "up"]
     await cluster.crash("n3")
-    crashed = time.perf_counter()
-    await eventually(lambda: "n3" not in n1.cluster.members.live() and "n3" not in n2.cluster.members.live())
-    took = time.perf_counter() - crashed
-    # The last heartbeat may have arrived up to one interval (0.03 s) before the crash.
-    assert 0.3 - 0.03 <= took < 0.3 + 0.5, took
+    # When each survivor last heard n3 (monotonic, the clock membership uses): nothing
+    # from n3 arrives after the crash.
+    last_heard = {node: node.cluster.members.members["n3"].last_seen for node in (n1, n2)}
+    await eventually(
+        lambda: "n3" not in n1.cluster.members.live() and "n3" not in n2.cluster.members.live(),
+        timeout=10.0,
+    )
+    dropped = time.monotonic()
+    # Never dropped before drop_time of silence. No upper bound but the generous timeout:
+    # on a loaded machine the check can run late, and that is not a protocol failure.
+    for node, heard in last_heard.items():
+        assert dropped - heard > 0.3, (node.node, dropped - heard)
     assert n1.cluster.members.live() == ["n2"]
 
 
