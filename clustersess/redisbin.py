@@ -70,7 +70,10 @@ def on_path(path_env: str | None = None) -> list[str]:
 
 
 def find_redis_server(
-    path_env: str | None = None, *, embedded: str | None | bool = True, versions: dict[str, tuple[int, ...]] | None = None
+    path_env: str | None = None,
+    *,
+    embedded: str | None | bool = True,
+    versions: dict[str, tuple[int, ...]] | None = None,
 ) -> RedisBinary | None:
     """The ``redis-server`` to run, or ``None`` if there is none.
 
@@ -79,6 +82,7 @@ def find_redis_server(
         embedded: the embedded binary's path; ``True`` looks it up, ``None`` means none.
         versions: binary -> version, instead of running ``--version`` (for tests).
     """
+
     def version(binary: str) -> tuple[int, ...]:
         return versions[binary] if versions is not None else version_of(binary)
 

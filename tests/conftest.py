@@ -52,7 +52,9 @@ def _leftovers(marker: str) -> list[tuple[int, str]]:
             continue
         try:
             if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")))
+                found.append(
+                    (int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                )
         except OSError:
             continue  # gone meanwhile, or not ours to read
     return found

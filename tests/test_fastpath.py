@@ -64,7 +64,9 @@ async def test_every_mutation_leaves_the_fast_path(manager: SessionManager, muta
 
 
 @pytest.mark.parametrize("end", [lambda s: s.clear(), lambda s: [s.pop(k) for k in list(s)]], ids=["clear", "emptied"])
-async def test_clearing_or_emptying_leaves_the_fast_path_and_ends_the_session(manager: SessionManager, end: Any) -> None:
+async def test_clearing_or_emptying_leaves_the_fast_path_and_ends_the_session(
+    manager: SessionManager, end: Any
+) -> None:
     cookie = await _stored(manager, n=1, keep="x")
     handle = manager.open_local(cookie)
     assert handle is not None

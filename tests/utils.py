@@ -267,7 +267,12 @@ class RedisServer:
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir, start_new_session=True
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.dir,
+                start_new_session=True,
             )
         deadline = time.monotonic() + self.startup_timeout
         while not self.ping():
@@ -404,9 +409,8 @@ class ServerProcess:
                     f"{self.cmd[:6]} exited with {self.returncode} before it was ready:\n{self.log_text()}"
                 )
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{self.url}{self.health_path} not ready after {timeout or self.startup_timeout}s:\n{self.log_text()}"
-                )
+                waited = timeout or self.startup_timeout
+                raise TimeoutError(f"{self.url}{self.health_path} not ready after {waited}s:\n{self.log_text()}")
             time.sleep(0.05)
 
     def wait(self, timeout: float = 20.0) -> int:
