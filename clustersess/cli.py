@@ -31,7 +31,9 @@ def main() -> None:
 @click.option("--replication", type=click.Choice(["sync", "async"]), envvar="CLUSTERSESS_REPLICATION", default=None)
 @click.option("--log-level", default="info", show_default=True)
 @click.argument("app", default="demo_app:app")
-def node(name: str, host: str, port: int, redis_url: str | None, replication: str | None, log_level: str, app: str) -> None:
+def node(
+    name: str, host: str, port: int, redis_url: str | None, replication: str | None, log_level: str, app: str
+) -> None:
     """Run APP (default: the test.jsp demo) as one cluster node under uvicorn + uvloop."""
     os.environ["CLUSTERSESS_NODE"] = name
     if redis_url:

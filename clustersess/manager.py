@@ -514,7 +514,9 @@ class SessionManager:
                 self.stats.listener_errors += 1
                 log.exception("session listener %r failed in %s()", listener, hook)
 
-    def _destroyed(self, entry: Entry, reason: DestroyReason, data: dict[str, Any] | None = None, *, replicated: bool = False) -> None:
+    def _destroyed(
+        self, entry: Entry, reason: DestroyReason, data: dict[str, Any] | None = None, *, replicated: bool = False
+    ) -> None:
         if reason == "expired":
             self.stats.sessions_expired += 1
         if not self.listeners:

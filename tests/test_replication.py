@@ -434,7 +434,9 @@ async def test_logout_missed_by_a_disconnected_backup_reaches_it_on_resync(clust
     cookie = await write(n1, None, user="ann")
     token = token_of(n1, cookie)
     # n2 alone loses its subscriptions for a while (its Redis connection dropped)
-    cut = {ch: [cb for cb in cbs if getattr(cb, "__self__", None) is n2.cluster] for ch, cbs in cluster.bus.subscribers.items()}
+    mine = n2.cluster
+    subscribers = cluster.bus.subscribers.items()
+    cut = {ch: [cb for cb in cbs if getattr(cb, "__self__", None) is mine] for ch, cbs in subscribers}
     for ch, cbs in cut.items():
         for cb in cbs:
             cluster.bus.subscribers[ch].remove(cb)
