@@ -135,7 +135,7 @@ async def test_a_write_keeps_the_cookie_it_came_with(manager: SessionManager) ->
 
 
 async def test_close_nowait_is_refused_on_a_clustered_node() -> None:
-    from clustersess.cluster.transport import MemoryBus
+    from clustersess.cluster import MemoryBus
 
     manager = SessionManager(Config(secret_key=("k",)), transport=MemoryBus().transport())
     handle = await manager.open(None)

@@ -15,7 +15,7 @@ from werkzeug.exceptions import InternalServerError
 from werkzeug.test import Client
 
 from clustersess import ConfigError, FakeClock, Session, SessionEvent, SessionListener, SessionTooLarge
-from clustersess.cluster.transport import MemoryBus
+from clustersess.cluster import MemoryBus
 from clustersess.flask_ext import ClusterSession, FlaskSession
 from clustersess.wsgi import MANAGER_KEY, SESSION_KEY, ClusterSessionWSGIMiddleware
 

@@ -1,10 +1,11 @@
-"""Moving authenticated bytes between nodes: Redis pub/sub, or an in-memory bus.
+"""Moving authenticated bytes between nodes over Redis pub/sub.
 
 A transport has one reader task (``run``) that subscribes, delivers every message to a
 callback, and after a lost connection reconnects with redis-py's jittered backoff and
 reports the re-subscribe (``on_connect``) so the node can treat it as a gap. Publishing
 goes through ``publish`` with a batch, pipelined in one round trip; it returns how many
 subscribers received each message (0 means nobody is listening on that channel).
+The in-memory stand-in for unit tests and the fault simulator is :mod:`.memory`.
 """
 
 from __future__ import annotations
@@ -31,9 +32,71 @@ end
 return v
 """
 
+# The lease: refresh the claim KEYS[1] held by ARGV[1] for ARGV[2] ms. KEYS[2] is the
+# marker another node sets when it adopts this incarnation's sessions (see _ADOPT_LUA).
+# Answers "held" (still ours, refreshed), "adopted" (someone took our sessions over: we
+# were presumed dead), "lapsed" (expired, nobody adopted: taken again) or "taken:<v>".
+_REFRESH_LUA = """
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 'held'
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 'adopted'
+end
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 'lapsed'
+end
+return 'taken:' .. v
+"""
+
+# Adopt the sessions of the incarnation ARGV[1], whose claim is KEYS[1]: allowed only once
+# its claim has lapsed (or passed to a newer life), and then recorded in KEYS[2] for
+# ARGV[2] ms so that the incarnation, should it come back, learns it was replaced.
+_ADOPT_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return 1
+"""
+
 
 class TransportError(ConnectionError):
-    """The transport is down; the caller serves from memory and retries later."""
+    """The transport is down or refused the call; the caller serves from memory and retries.
+
+    ``kind`` says why: ``"connection"`` (no connection, or it broke), ``"timeout"``,
+    ``"readonly"`` (a replica or a demoted primary), ``"oom"`` (``maxmemory`` reached),
+    ``"noperm"`` (an ACL forbids it) or ``"error"`` (any other error reply).
+    """
+
+    def __init__(self, message: str, kind: str = "connection") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def error_kind(exc: BaseException) -> str:
+    """The :attr:`TransportError.kind` for a redis-py exception."""
+    import redis.exceptions as rexc
+
+    if isinstance(exc, rexc.TimeoutError):
+        return "timeout"
+    if isinstance(exc, (rexc.ConnectionError, OSError)):
+        return "connection"
+    if isinstance(exc, rexc.ReadOnlyError) or str(exc).startswith("READONLY"):
+        return "readonly"
+    if isinstance(exc, rexc.OutOfMemoryError) or str(exc).startswith("OOM"):
+        return "oom"
+    if isinstance(exc, rexc.NoPermissionError) or str(exc).startswith("NOPERM"):
+        return "noperm"
+    return "error"
+
+
+def _wrap(what: str, exc: BaseException) -> TransportError:
+    kind = error_kind(exc)
+    return TransportError(f"Redis {what} failed: {type(exc).__name__} ({kind})", kind)
 
 
 class Transport(Protocol):
@@ -53,6 +116,24 @@ class Transport(Protocol):
 
     async def release(self, key: str, value: str) -> None:
         """Drop a claim held by ``value``."""
+        ...
+
+    async def refresh(self, key: str, value: str, ttl: float, adopted_key: str) -> str:
+        """Renew the lease ``key`` held by ``value`` for ``ttl`` seconds.
+
+        Returns ``"held"``, ``"lapsed"`` (it had expired and nobody adopted: taken
+        again), ``"adopted"`` (``adopted_key`` exists: another node took this
+        incarnation's sessions over) or ``"taken:<holder>"``.
+        """
+        ...
+
+    async def adopt(self, key: str, value: str, adopted_key: str, marker_ttl: float) -> bool:
+        """Record that ``value``'s sessions are being adopted, if its lease ``key`` has
+        lapsed; False (and nothing recorded) while ``value`` still holds it."""
+        ...
+
+    async def get(self, key: str) -> str | None:
+        """The value of ``key`` (the holder of a name claim), or None."""
         ...
 
     async def close(self) -> None: ...
@@ -80,6 +161,8 @@ class RedisTransport:
         self._sub = aioredis.Redis.from_url(url, socket_timeout=None, **common)  # type: ignore[arg-type]
         self._backoff = ExponentialWithJitterBackoff(cap=backoff_cap, base=0.05)
         self._claim = self._pub.register_script(_CLAIM_LUA)
+        self._refresh = self._pub.register_script(_REFRESH_LUA)
+        self._adopt = self._pub.register_script(_ADOPT_LUA)
 
     async def run(self, channels: list[str], on_message: OnMessage, on_connect: OnConnect) -> None:
         import redis.exceptions as rexc
@@ -104,9 +187,14 @@ class RedisTransport:
                     on_message(channel.decode() if isinstance(channel, bytes) else channel, msg["data"])
             except asyncio.CancelledError:
                 raise
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+            except (rexc.RedisError, OSError) as exc:
+                # An error reply (ACL NOPERM on SUBSCRIBE, say) is as fatal to this
+                # subscription as a broken connection: retry with backoff either way.
                 if self.connected or failures == 0:
-                    log.warning("clustersess: Redis connection lost (%s); serving from memory", type(exc).__name__)
+                    log.warning(
+                        "clustersess: Redis subscription lost (%s, %s); serving from memory",
+                        type(exc).__name__, error_kind(exc),
+                    )
                 self.connected = False
                 failures += 1
             finally:
@@ -126,17 +214,42 @@ class RedisTransport:
                 for channel, data in items:
                     pipe.publish(channel, data)
                 return [int(n) for n in await pipe.execute()]
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-            raise TransportError(f"Redis publish failed: {type(exc).__name__}") from None
+        except (rexc.RedisError, OSError) as exc:
+            raise _wrap("publish", exc) from None
 
     async def claim(self, key: str, value: str, ttl: float) -> str:
         import redis.exceptions as rexc
 
         try:
-            holder = await self._claim(keys=[key], args=[value, max(1, int(ttl * 1000))])
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-            raise TransportError(f"Redis claim failed: {type(exc).__name__}") from None
-        return holder.decode() if isinstance(holder, bytes) else str(holder)
+            holder = await self._claim(keys=[key], args=[value, _ms(ttl)])
+        except (rexc.RedisError, OSError) as exc:
+            raise _wrap("claim", exc) from None
+        return _text(holder)
+
+    async def refresh(self, key: str, value: str, ttl: float, adopted_key: str) -> str:
+        import redis.exceptions as rexc
+
+        try:
+            return _text(await self._refresh(keys=[key, adopted_key], args=[value, _ms(ttl)]))
+        except (rexc.RedisError, OSError) as exc:
+            raise _wrap("lease refresh", exc) from None
+
+    async def adopt(self, key: str, value: str, adopted_key: str, marker_ttl: float) -> bool:
+        import redis.exceptions as rexc
+
+        try:
+            return bool(await self._adopt(keys=[key, adopted_key], args=[value, _ms(marker_ttl)]))
+        except (rexc.RedisError, OSError) as exc:
+            raise _wrap("adoption", exc) from None
+
+    async def get(self, key: str) -> str | None:
+        import redis.exceptions as rexc
+
+        try:
+            value = await self._pub.get(key)
+        except (rexc.RedisError, OSError) as exc:
+            raise _wrap("GET", exc) from None
+        return None if value is None else _text(value)
 
     async def release(self, key: str, value: str) -> None:
         import redis.exceptions as rexc
@@ -144,7 +257,7 @@ class RedisTransport:
         try:
             if await self._pub.get(key) == value.encode():
                 await self._pub.delete(key)
-        except (rexc.ConnectionError, rexc.TimeoutError, OSError):
+        except (rexc.RedisError, OSError):
             pass
 
     async def close(self) -> None:
@@ -155,79 +268,9 @@ class RedisTransport:
                 pass
 
 
-class MemoryBus:
-    """An in-process stand-in for Redis pub/sub, for fast unit tests.
-
-    Implements the same :class:`Transport` interface per node (``bus.transport()``),
-    with at-most-once delivery, receiver counts, claims, and a switch to cut the bus
-    (``bus.down = True``) to rehearse outages.
-    """
-
-    def __init__(self) -> None:
-        self.subscribers: dict[str, list[OnMessage]] = {}
-        self.keys: dict[str, str] = {}
-        self.down = False
-        self.published: list[tuple[str, bytes]] = []
-
-    def transport(self) -> MemoryTransport:
-        return MemoryTransport(self)
-
-    def inject(self, channel: str, data: bytes) -> int:
-        """Publish raw bytes as an outsider would (forged or garbage messages)."""
-        subs = list(self.subscribers.get(channel, ()))
-        loop = asyncio.get_running_loop()
-        for cb in subs:
-            loop.call_soon(cb, channel, data)
-        return len(subs)
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
-class MemoryTransport:
-    def __init__(self, bus: MemoryBus) -> None:
-        self.bus = bus
-        self.connected = False
-        self._subs: list[tuple[str, OnMessage]] = []
-
-    async def run(self, channels: list[str], on_message: OnMessage, on_connect: OnConnect) -> None:
-        first = True
-        try:
-            while True:
-                while self.bus.down:
-                    await asyncio.sleep(0.01)
-                for ch in channels:
-                    self.bus.subscribers.setdefault(ch, []).append(on_message)
-                    self._subs.append((ch, on_message))
-                self.connected = True
-                await on_connect(first)
-                first = False
-                while not self.bus.down:
-                    await asyncio.sleep(0.01)
-                self._unsubscribe()
-        finally:
-            self._unsubscribe()
-
-    def _unsubscribe(self) -> None:
-        self.connected = False
-        for ch, cb in self._subs:
-            subs = self.bus.subscribers.get(ch, [])
-            if cb in subs:
-                subs.remove(cb)
-        self._subs.clear()
-
-    async def publish(self, items: list[tuple[str, bytes]]) -> list[int]:
-        if self.bus.down or not self.connected:
-            raise TransportError("memory bus is down")
-        self.bus.published.extend(items)
-        return [self.bus.inject(ch, data) for ch, data in items]
-
-    async def claim(self, key: str, value: str, ttl: float) -> str:
-        if self.bus.down:
-            raise TransportError("memory bus is down")
-        holder = self.bus.keys.setdefault(key, value)
-        return holder
-
-    async def release(self, key: str, value: str) -> None:
-        if self.bus.keys.get(key) == value:
-            del self.bus.keys[key]
-
-    async def close(self) -> None:
-        self._unsubscribe()
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
