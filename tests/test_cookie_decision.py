@@ -24,7 +24,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from clustersess import ClusterSessionMiddleware, Config, SessionManager
-from clustersess.cluster.transport import MemoryBus
+from clustersess.cluster import MemoryBus
 from clustersess.cookies import DELETE, KEEP, SET, decide
 from clustersess.manager import Handle
 from tests.memcluster import FAST

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from clustersess import ClusterSessionMiddleware, ConfigError
-from clustersess.cluster.transport import MemoryBus
+from clustersess.cluster import MemoryBus
 from clustersess.flask_ext import ClusterSession
 
 SECRET = "testclient-secret"
