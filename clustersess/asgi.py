@@ -159,8 +159,20 @@ class ClusterSessionMiddleware:
                     action = manager.close_nowait(handle)
                 else:
                     return self._finish_and_send(handle, message, send)
-                if action is not KEEP or handle.session.accessed:
+                if action is not KEEP:
                     self._add_headers(handle, action, message)
+                elif handle.session.accessed:
+                    # _add_headers(KEEP)'s common case, inlined: no Vary of the app's own.
+                    headers = message.get("headers")
+                    if type(headers) is not list:
+                        self._add_headers(handle, action, message)
+                    else:
+                        for name, _ in headers:
+                            if name == b"vary":
+                                add_vary_cookie(headers, raw=True)
+                                break
+                        else:
+                            headers.append(_VARY)
             return send(message)
 
         try:
