@@ -539,7 +539,10 @@ class ClusterNode:
                 continue  # its lease still holds (or it was heard meanwhile): wait
             self.members.retire(member.name, member.incarnation)
             self.inbox.forget(member.name, member.incarnation)
-            log.warning("clustersess: member %s lost: silent and its lease lapsed (%d live)", member.name, len(self.members.members))
+            log.warning(
+                "clustersess: member %s lost: silent and its lease lapsed (%d live)",
+                member.name, len(self.members.members),
+            )  # fmt: skip
             self._spawn(self.ownership.adopt_from(member.name), "clustersess-adoption")
             self.replication.rebalance_soon()
 
@@ -597,8 +600,10 @@ class ClusterNode:
         skewed = [mb.name for mb in self.members.members.values() if abs(mb.skew) > skew_warn]
         if skewed:
             self.ctx.warn.warning(
-                "skew", "clustersess: wall clocks of %s differ from ours by more than %.0fs", ", ".join(skewed), skew_warn
-            )
+                "skew",
+                "clustersess: wall clocks of %s differ from ours by more than %.0fs",
+                ", ".join(skewed), skew_warn,
+            )  # fmt: skip
         echo = self.proof.echo_sent
         return {
             "members": members,
