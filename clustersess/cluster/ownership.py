@@ -23,9 +23,10 @@ import asyncio
 import dataclasses
 import os
 import random
+from typing import Any
 
 from .. import codec, versions
-from ..errors import ReplicationUnavailable
+from ..errors import ReplicationUnavailable, SessionUnavailable
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
@@ -48,6 +49,13 @@ class _Round:
         return self.expected <= set(self.replies)
 
 
+class _Unavailable:
+    """A takeover's answer when no copy was found and not every member answered."""
+
+
+UNAVAILABLE: Any = _Unavailable()
+
+
 class _Pin:
     """One request waiting for a takeover; the takeover pins the entry it won for it."""
 
@@ -68,12 +76,14 @@ class Ownership:
         #: tokens this node is taking over right now (FETCH out, not yet owned)
         self.contending: set[str] = set()
         #: owned sessions whose takeover did not hear every member: confirm them later
-        self.unconfirmed: dict[str, None] = {}
+        self.unconfirmed: dict[str, str] = {}  # token -> "takeover" | "rejoin"
         #: sessions to take over again to reconcile (writes the current owner may lack)
         self._reclaim_due: dict[str, None] = {}
         self._reclaim_wake = asyncio.Event()
         #: sessions we gave up to a FETCH, at the epoch we held, until a new owner speaks
         self._released: dict[str, int] = {}
+        #: member -> our newer claims to tell it (it announced an older one)
+        self._answers: dict[str, list[tuple[str, int, versions.VV]]] = {}
         #: OWNED announcements waiting to be sent, coalesced
         self._owned_due: list[tuple[str, int, versions.VV]] = []
 
@@ -112,6 +122,8 @@ class Ownership:
         entry = pin.entry
         if entry is not None:
             entry.inflight -= 1  # handed to the caller, which pins it itself
+        elif task.done() and not task.cancelled() and task.result() is UNAVAILABLE:
+            raise SessionUnavailable("no copy of the session was found, and not every member answered")
         return entry
 
     def _unpin(self, token: str, pin: _Pin, *, keep: bool = False) -> None:
@@ -214,7 +226,9 @@ class Ownership:
                 self._pin_waiters(token)
                 return mine
             ctx.stats.takeover_misses += 1
-            return None
+            # Nobody we heard has it. If someone did not answer, it may: that is not
+            # "no such session" (a fresh one would hide the real one from its user).
+            return None if complete else UNAVAILABLE
         winner, vv, losers = versions.choose(candidates)
         best: Entry = winner.item
         if now - best.last_accessed > ctx.config.max_inactive and mine is None:
@@ -231,7 +245,7 @@ class Ownership:
         if complete:
             self.unconfirmed.pop(token, None)
         else:
-            self.unconfirmed[token] = None
+            self.unconfirmed[token] = "takeover"
             ctx.stats.takeovers_unconfirmed += 1
         ctx.stats.takeovers += 1
         await self.replication.replicate(entry)
@@ -275,6 +289,30 @@ class Ownership:
         if len(self._owned_due) == 1:
             asyncio.get_running_loop().call_soon(self._send_owned)
 
+    def _send_answers(self) -> None:
+        answers, self._answers = self._answers, {}
+        for name, items in answers.items():
+            for i in range(0, len(items), ITEMS_PER_MESSAGE):
+                self.ctx.outbox.send(self.ctx.channel(name), m.Owned(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+
+    def rejoined(self) -> None:
+        """We rejoined as a new incarnation: announce every session we hold, provisional
+        until the cluster had time to answer (a member that owns one at a newer epoch
+        answers with its claim, and we step down or reconcile)."""
+        ctx = self.ctx
+        for entry in list(ctx.store.owned.values()):
+            self.unconfirmed.setdefault(entry.token, "rejoin")
+            self.announce(entry)
+        asyncio.get_running_loop().call_later(2 * ctx.timing.takeover_round, self._confirm_rejoined)
+
+    def _confirm_rejoined(self) -> None:
+        if not self.ctx.healthy():
+            asyncio.get_running_loop().call_later(self.ctx.timing.takeover_round, self._confirm_rejoined)
+            return
+        for token, why in list(self.unconfirmed.items()):
+            if why == "rejoin":
+                del self.unconfirmed[token]
+
     def _send_owned(self) -> None:
         due, self._owned_due = self._owned_due, []
         for i in range(0, len(due), ITEMS_PER_MESSAGE):
@@ -300,11 +338,11 @@ class Ownership:
             if not ctx.healthy():
                 continue
             due, self._reclaim_due = self._reclaim_due, {}
-            for token in list(self.unconfirmed):
-                if token in ctx.store.owned:
-                    due[token] = None
-                else:
+            for token, why in list(self.unconfirmed.items()):
+                if token not in ctx.store.owned:
                     del self.unconfirmed[token]
+                elif why == "takeover":
+                    due[token] = None
             for token in due:
                 if ctx.store.is_dead(token, ctx.wall()):
                     continue
@@ -388,7 +426,12 @@ class Ownership:
             mine = store.owned.get(token)
             if mine is not None:
                 if mine.epoch > epoch or (mine.epoch == epoch and ctx.name < member.name):
-                    continue  # ours is the newer claim (or wins the tie); it will tell them
+                    # Ours is the newer claim (or wins the tie): tell the claimant, which
+                    # steps down (a node rejoining after a cut-off announces what it held).
+                    self._answers.setdefault(member.name, []).append((token, mine.epoch, mine.vv))
+                    if len(self._answers) == 1 and len(self._answers[member.name]) == 1:
+                        asyncio.get_running_loop().call_soon(self._send_answers)
+                    continue
                 if token in self.contending:
                     continue  # our own takeover decides
                 del store.owned[token]

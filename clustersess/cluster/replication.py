@@ -81,7 +81,7 @@ class Replication:
         #: set by the node: make a handed-over copy ours
         self.take_handoff: Callable[[Entry, Member], None] = lambda entry, member: None
         #: set by the node: owned sessions whose takeover has not heard every member
-        self.unconfirmed: dict[str, None] = {}
+        self.unconfirmed: dict[str, str] = {}
         #: acknowledgements of logouts not yet received; changed only in place (the
         #: manager looks at this very list on every request)
         self.unsettled: list[asyncio.Future[Any]] = []
