@@ -29,7 +29,7 @@ __all__ = ["RedisTarget", "parse_redis_url", "redact"]
 Scheme = Literal["redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"]
 SCHEMES: tuple[str, ...] = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
-_TLS_OPTIONS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 _CERT_REQS = ("required", "optional", "none")
 _TRUE = ("1", "true", "yes", "on")
