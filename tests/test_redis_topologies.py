@@ -76,7 +76,9 @@ async def roundtrip(transport: RedisTransport, probe: Probe, tag: bytes, timeout
             counts = await transport.publish([(ME, tag + b"-me"), (ALL, tag + b"-all")])
         except TransportError:
             counts = [0, 0]
-        if counts == [1, 1]:
+        # >= 1: a connection the watchdog gave up on may live on at Redis's end until
+        # Redis's own tcp-keepalive drops it (the proxy test), and it counts as a receiver.
+        if min(counts) >= 1:
             await probe.wait("delivery", lambda: {(ME, tag + b"-me"), (ALL, tag + b"-all")} <= set(probe.messages))
             return
         if time.monotonic() > deadline:
@@ -335,11 +337,24 @@ async def test_sentinel_failover_is_followed() -> None:
             await asyncio.get_running_loop().run_in_executor(None, topo.heal)
             # A graceful failover demotes a live primary: READONLY means find it again.
             count = len(probe.reconnects())
-            with topo.sentinels[0].client() as s:
-                s.execute_command("SENTINEL FAILOVER", topo.service)
+            await asyncio.get_running_loop().run_in_executor(None, _graceful_failover, topo)
             await probe.wait("the move to the new primary", lambda: len(probe.reconnects()) > count, timeout=20)
             await roundtrip(transport, probe, b"after-graceful")
             assert await transport.claim(CLAIM, "inc1", 30.0) == "inc1"
+
+
+def _graceful_failover(topo: Sentinels) -> None:
+    """SENTINEL FAILOVER, retried while Sentinel finds the replica not yet fit (NOGOODSLAVE
+    right after it rejoined)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with topo.sentinels[0].client() as s:
+                s.execute_command("SENTINEL FAILOVER", topo.service)
+            return
+        except redis.ResponseError as exc:
+            assert "NOGOODSLAVE" in str(exc) and time.monotonic() < deadline, exc
+            time.sleep(0.5)
 
 
 def _wait_promoted(topo: Sentinels, old: Any) -> None:
