@@ -44,7 +44,7 @@ ADMIN_PASSWORD = "admin-pw-51d0"
 
 def _version(binary: str) -> tuple[int, ...]:
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ()
     m = re.search(r"v=(\d+)\.(\d+)", out)
@@ -281,7 +281,7 @@ class Cluster:
             cmd += ["--tls", "--cacert", str(self.certs.ca)]
         if self.acl:
             cmd += ["-a", ADMIN_PASSWORD, "--no-auth-warning"]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 0, out.stdout + out.stderr
         self.wait_healthy()
         return self
