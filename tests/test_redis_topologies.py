@@ -135,7 +135,7 @@ async def test_same_interface_in_every_mode(kind: str, options: dict[str, Any]) 
                 assert info.value.kind == "noperm"
 
 
-async def test_cluster_keys_in_two_slots_are_refused_with_a_clear_message() -> None:
+async def test_cluster_misuse_is_refused_with_a_clear_message(caplog: pytest.LogCaptureFixture) -> None:
     with running("cluster", replicas=0) as topo:
         transport = RedisTransport(topo.url)
         try:
@@ -143,6 +143,16 @@ async def test_cluster_keys_in_two_slots_are_refused_with_a_clear_message() -> N
                 await transport.refresh("clustersess:claim:n1", "i", 1.0, "clustersess:adopted:n1:i")
         finally:
             await transport.close()
+        # a database number on a Redis Cluster: every call fails, the fix is logged once
+        transport = RedisTransport(topo.url + "/2")
+        try:
+            for _ in range(3):
+                with pytest.raises(TransportError, match="only database 0") as info:
+                    await transport.publish([(ALL, b"x")])
+                assert info.value.kind == "error"
+        finally:
+            await transport.close()
+        assert sum("only database 0" in r.getMessage() for r in caplog.records) == 1
 
 
 async def test_error_replies_become_transport_errors() -> None:

@@ -151,11 +151,13 @@ async def detect(target: RedisTarget, options: Options) -> str:
 
     if target.sentinel:
         return "sentinel"
+    # Database 0 for the probe: a Redis Cluster refuses SELECT, and then says nothing else.
+    kw = {**target.connection_kwargs(), **options.client_kwargs(), "db": 0}
     if target.scheme == "unix":
-        probe = aioredis.Redis(unix_socket_path=target.path, **{**target.connection_kwargs(), **options.client_kwargs()})
+        probe = aioredis.Redis(unix_socket_path=target.path, **kw)
     else:
         host, port = target.hosts[0]
-        probe = aioredis.Redis(host=host, port=port, **{**target.connection_kwargs(), **options.client_kwargs()})
+        probe = aioredis.Redis(host=host, port=port, **kw)
     try:
         try:
             info = await probe.info("cluster")
@@ -210,6 +212,8 @@ class RedisTransport:
         self._lock = asyncio.Lock()
         self._reset = asyncio.Event()
         self._wakeup: asyncio.Future[None] | None = None
+        self._recovered_at = -1e9
+        self._misconfigured: str | None = None
         self._closed = False
 
     # -- the subscription ----------------------------------------------------------------
@@ -371,7 +375,11 @@ class RedisTransport:
                         mode = await detect(self._target, self._options)
                     self._topology = TOPOLOGIES[mode](self._target, self._options)
                 except ValueError as exc:
-                    log.error("clustersess: %s", exc)  # a setting to fix, said once per try
+                    # A setting to fix (a unix:// URL or a database number on a Redis
+                    # Cluster): said loudly once, and every call fails until it is fixed.
+                    if self._misconfigured != str(exc):
+                        self._misconfigured = str(exc)
+                        log.error("clustersess: %s", exc)
                     raise TransportError(str(exc), "error") from None
                 except _CONNECT_ERRORS as exc:
                     raise _wrap("connect", exc) from None
@@ -387,7 +395,12 @@ class RedisTransport:
             if error_kind(exc) != "readonly":
                 raise _wrap(what, exc) from None
         # A failover demoted the server we were talking to: find the primary again (and
-        # move the subscription there too), then try once more.
+        # move the subscription there too), then try once more. At most once a second: a
+        # URL that names a replica for good must not churn connections on every call.
+        now = asyncio.get_running_loop().time()
+        if now - self._recovered_at < 1.0:
+            raise TransportError(f"Redis {what} failed: READONLY again right after finding the primary", "readonly")
+        self._recovered_at = now
         log.warning("clustersess: Redis answered READONLY to %s: the primary moved; finding it again", what)
         await topology.recover()
         self.reset()
