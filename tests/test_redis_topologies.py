@@ -175,6 +175,10 @@ async def test_error_replies_become_transport_errors() -> None:
             with pytest.raises(TransportError) as info:
                 await transport.claim(CLAIM, "inc1", 5.0)
             assert info.value.kind == "readonly"
+            # promoted (a managed service's failover moved its endpoint here): works again,
+            # same transport, no restart
+            replica.replicaof("NO", "ONE")
+            assert await transport.claim(CLAIM, "inc1", 5.0) == "inc1"
         finally:
             await transport.close()
         admin.close()
