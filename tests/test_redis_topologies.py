@@ -14,14 +14,14 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis
 
 from clustersess.cluster.transport import RedisTransport, TransportError
-from tests.redis_topologies import ADMIN_PASSWORD, Cluster, Sentinels, Single, running
+from tests.redis_topologies import Cluster, Sentinels, running
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -376,12 +376,3 @@ def _wait_promoted(topo: Sentinels, old: Any) -> None:
     while (p := topo.current_primary()) is None or p is old:
         assert time.monotonic() < deadline, "no promotion"
         time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def _admin(topo: Single) -> Iterator[redis.Redis]:
-    r = redis.Redis(topo.server.host, topo.server.port, password=ADMIN_PASSWORD if topo.acl else None)
-    try:
-        yield r
-    finally:
-        r.close()
