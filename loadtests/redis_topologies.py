@@ -130,7 +130,7 @@ async def _simulate(members: int, seconds: float) -> tuple[Counter[int], Counter
     clock = FakeClock()
     managers = []
     for i in range(members):
-        config = Config(node_name=f"node{i:03d}", secret_key="sim-secret-" + "x" * 20, max_inactive=600.0)
+        config = Config(node_name=f"node{i:03d}", secret_key=("sim-secret-" + "x" * 20,), max_inactive=600.0)
         manager = SessionManager(config, clock=clock, transport=bus.transport())
         await manager.start()
         managers.append(manager)

@@ -63,7 +63,7 @@ def test_bad_urls_say_how_to_fix_them(url: str, says: str) -> None:
 
 def test_config_refuses_a_bad_url_at_start_up_without_echoing_it() -> None:
     with pytest.raises(ConfigError, match="needs the service name") as info:
-        Config(secret_key="s", redis_url="redis+sentinel://:hunter2@s1:26379")
+        Config(secret_key=("s",), redis_url="redis+sentinel://:hunter2@s1:26379")
     assert "hunter2" not in str(info.value)
     env = {"CLUSTERSESS_SECRET": "s", "CLUSTERSESS_REDIS_URL": "redis+sentinel://s1,s2,s3/mymaster"}
     assert Config.from_env(env).redis_url == "redis+sentinel://s1,s2,s3/mymaster"
@@ -73,5 +73,5 @@ def test_credentials_never_show() -> None:
     assert redact("redis://u:hunter2@h:1/0") == "redis://***@h:1/0"
     assert redact("redis+sentinel://:a@s1,s2/m?sentinel_password=b") == "redis+sentinel://***@s1,s2/m?sentinel_password=***"
     assert redact("unix:///run/r.sock?db=1") == "unix:///run/r.sock?db=1"
-    cfg = Config(secret_key="s", redis_url="rediss+sentinel://:pw1@s1/m?sentinel_password=pw2")
+    cfg = Config(secret_key=("s",), redis_url="rediss+sentinel://:pw1@s1/m?sentinel_password=pw2")
     assert "pw1" not in repr(cfg) and "pw2" not in repr(cfg)
