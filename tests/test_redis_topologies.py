@@ -256,6 +256,17 @@ async def test_watchdog_notices_a_silently_dead_connection() -> None:
             await proxy.close()
 
 
+async def test_a_stalled_event_loop_is_not_a_dead_connection() -> None:
+    """Our own stall (a blocked loop, a GC pause) is no evidence against Redis: no reconnect."""
+    with running("single") as topo:
+        async with subscribed(topo.url) as (transport, probe):
+            await roundtrip(transport, probe, b"before")
+            time.sleep(3.0)  # blocks the event loop, past the watchdog's whole bound
+            await asyncio.sleep(1.0)
+            assert transport.connected and not probe.reconnects()
+            await roundtrip(transport, probe, b"after")
+
+
 @pytest.mark.parametrize("kind", ["cluster", "sentinel"])
 async def test_watchdog_notices_a_frozen_server(kind: str) -> None:
     """SIGSTOP the server under the subscription (its sockets stay open, nothing answers):

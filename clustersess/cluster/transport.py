@@ -321,11 +321,19 @@ class RedisTransport:
     async def _watch(self, topology: Topology, feeds: list[Feed]) -> None:
         loop = asyncio.get_running_loop()
         tick = self._probe / 4
+        last_tick = loop.time()
         while True:
             await self._pause(tick)
             if self._reset.is_set():
                 raise _Lost("reset requested")
             now = loop.time()
+            if now - last_tick > tick + self._probe:
+                # We were the silent ones (a blocked loop, a GC pause, SIGSTOP): what Redis
+                # sent meanwhile is still unread in the socket. Not evidence against the
+                # connection; give it a fresh bound.
+                for feed in feeds:
+                    feed.last_heard, feed.pinged = now, False
+            last_tick = now
             for feed in feeds:
                 silent = now - feed.last_heard
                 if silent >= 2 * self._probe:
