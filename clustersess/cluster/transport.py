@@ -16,7 +16,8 @@ semantics are the same in every mode; docs/redis.md says what each failover look
 A watchdog guards every subscription connection: when nothing has been read from one for
 ``probe_interval`` seconds it sends a PING, and when nothing has come back after twice
 that, the connection is taken for dead (a NAT or firewall dropped it without a FIN or RST)
-and the subscription starts over, which is a gap like any reconnect. ``reset()`` does the
+and the subscription starts over, which is a gap like any reconnect (a stall of this
+process, seen as a late watchdog tick, restarts the bound instead). ``reset()`` does the
 same on request. TCP keepalive is on, tight, on every connection.
 """
 
