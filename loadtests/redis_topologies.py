@@ -10,6 +10,10 @@ it) for both, and the ratios cluster / single. On one small machine the shards s
 CPU with the nodes and the load generator, so this shows the cost of sharded pub/sub per
 write, not the scaling a cluster of real machines gives.
 
+``acks``: the same comparison without HTTP and nodes: an owner transport publishes a 1 kB
+message on a backup's channel and the backup answers on the owner's (REPLICATE and ACK),
+one at a time and 64 at a time; round trips per second and their latency.
+
 ``sim``: 100 real SessionManagers on the in-memory bus (clustersess.cluster.MemoryBus) and
 a fake clock, run for ``--sim-seconds`` of wall time with the default heartbeat interval.
 Every published message is mapped to the shard its channel's slot falls on in a 3-shard
@@ -17,7 +21,8 @@ cluster (slots as ``redis-cli --cluster create`` splits them), giving messages a
 deliveries per second per shard; and 10,000 session tokens are given backups with
 ``Membership.backup_for`` to show how evenly backups spread over the members.
 
-    python3 loadtests/redis_topologies.py                    # both
+    python3 loadtests/redis_topologies.py                    # all three
+    python3 loadtests/redis_topologies.py acks --acks 2000
     python3 loadtests/redis_topologies.py bench --seconds 10 --concurrency 32
     python3 loadtests/redis_topologies.py sim --members 100
 """
@@ -119,6 +124,78 @@ def bench(args: argparse.Namespace) -> None:
     )
 
 
+async def _ack_roundtrips(url: str, count: int, in_flight: int) -> dict[str, float]:
+    """An owner and a backup transport: the owner publishes a 1 kB message on the backup's
+    channel, the backup answers on the owner's, as REPLICATE and ACK do; ``in_flight``
+    of them at a time."""
+    from clustersess.cluster.transport import RedisTransport
+
+    owner, backup = RedisTransport(url), RedisTransport(url)
+    waiting: dict[bytes, asyncio.Future[None]] = {}
+
+    def at_backup(channel: str, data: bytes) -> None:
+        asyncio.get_running_loop().create_task(backup.publish([("bench:node:owner", data[:16])]))
+
+    def at_owner(channel: str, data: bytes) -> None:
+        fut = waiting.pop(data, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def connected(first: bool) -> None:
+        return None
+
+    tasks = [
+        asyncio.create_task(backup.run(["bench:node:backup", "bench:all"], at_backup, connected)),
+        asyncio.create_task(owner.run(["bench:node:owner", "bench:all"], at_owner, connected)),
+    ]
+    while not (owner.connected and backup.connected):
+        await asyncio.sleep(0.01)
+    latencies: list[float] = []
+    payload = b"x" * 1000
+
+    async def one(i: int) -> None:
+        tag = f"{i:016d}".encode()
+        fut = asyncio.get_running_loop().create_future()
+        waiting[tag] = fut
+        started = time.perf_counter()
+        await owner.publish([("bench:node:backup", tag + payload)])
+        await fut
+        latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    for i in range(0, count, in_flight):
+        await asyncio.gather(*(one(j) for j in range(i, min(count, i + in_flight))))
+    elapsed = time.perf_counter() - started
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await owner.close()
+    await backup.close()
+    latencies.sort()
+    return {"per_s": count / elapsed, "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)]}
+
+
+def acks(args: argparse.Namespace) -> None:
+    rows: dict[str, dict[int, dict[str, float]]] = {}
+    for name, make in (("one Redis", lambda: Single()), ("Redis Cluster, 3 shards", lambda: Cluster(replicas=0))):
+        topo = make().start()
+        try:
+            rows[name] = {k: asyncio.run(_ack_roundtrips(topo.url, args.acks, k)) for k in (1, 64)}
+        finally:
+            topo.cleanup()
+    print(f"\nreplicate -> ack round trips through the transport, {args.acks} each (load {os.getloadavg()[0]:.1f})")
+    print(f"{'':26} {'1 in flight: /s':>16} {'p50 ms':>7} {'p99 ms':>7} {'64 in flight: /s':>17} {'p50 ms':>7} {'p99 ms':>7}")
+    for name, r in rows.items():
+        a, b = r[1], r[64]
+        print(f"{name:26} {a['per_s']:16.0f} {a['p50_ms']:7.2f} {a['p99_ms']:7.2f} {b['per_s']:17.0f} {b['p50_ms']:7.2f} {b['p99_ms']:7.2f}")
+    single, cluster = rows["one Redis"], rows["Redis Cluster, 3 shards"]
+    print(
+        f"ratio cluster/single: 1 in flight {cluster[1]['per_s'] / single[1]['per_s']:.2f}, "
+        f"64 in flight {cluster[64]['per_s'] / single[64]['per_s']:.2f}; "
+        f"p50 {cluster[1]['p50_ms'] / single[1]['p50_ms']:.2f}"
+    )
+
+
 # -- sim ----------------------------------------------------------------------------------
 
 
@@ -186,16 +263,19 @@ def sim(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", choices=["bench", "sim", "both"], default="both")
+    parser.add_argument("what", nargs="?", choices=["bench", "acks", "sim", "all"], default="all")
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--members", type=int, default=100)
     parser.add_argument("--sim-seconds", type=float, default=4.0)
+    parser.add_argument("--acks", type=int, default=2000, help="round trips per topology and concurrency")
     args = parser.parse_args()
-    if args.what in ("sim", "both"):
+    if args.what in ("sim", "all"):
         sim(args)
-    if args.what in ("bench", "both"):
+    if args.what in ("acks", "all"):
+        acks(args)
+    if args.what in ("bench", "all"):
         bench(args)
 
 
