@@ -280,8 +280,8 @@ class RedisTransport:
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)
-        failures = [t.exception() for t in done if not t.cancelled()]
-        raise next((e for e in failures if e is not None), _Lost("a subscription task ended"))
+        errors = [t.exception() for t in done if not t.cancelled()]
+        raise next((e for e in errors if e is not None), _Lost("a subscription task ended"))
 
     async def _subscribe(self, feed: Feed, early: list[tuple[str, bytes]]) -> None:
         """Subscribe and wait for Redis to confirm every channel, so that what the node
