@@ -261,7 +261,7 @@ async def test_a_stalled_event_loop_is_not_a_dead_connection() -> None:
     with running("single") as topo:
         async with subscribed(topo.url) as (transport, probe):
             await roundtrip(transport, probe, b"before")
-            time.sleep(3.0)  # blocks the event loop, past the watchdog's whole bound
+            time.sleep(3.0)  # noqa: ASYNC251 -- the point: block the loop past the watchdog's bound
             await asyncio.sleep(1.0)
             assert transport.connected and not probe.reconnects()
             await roundtrip(transport, probe, b"after")
