@@ -156,7 +156,7 @@ class Ownership:
                 # takeovers of it with "busy", so two nodes never both win one epoch.
                 self.contending.add(token)
                 replies, complete = await self._round(token)
-                if not any(r.busy for r in replies) or ctx.mono() >= give_up:
+                if not any(r.busy for r in replies.values()) or ctx.mono() >= give_up:
                     break
                 # Another node is taking it over at this very moment: step aside (not
                 # busy ourselves meanwhile) and ask again; it will hand it over then.
@@ -173,14 +173,14 @@ class Ownership:
             if self._taking.get(token) is asyncio.current_task():
                 del self._taking[token]
 
-    async def _round(self, token: str) -> tuple[list[m.FetchReply], bool]:
+    async def _round(self, token: str) -> tuple[dict[str, m.FetchReply], bool]:
         """Ask every live member for its copy; (answers heard in time, heard everyone)."""
         ctx = self.ctx
         names = ctx.members.live()
         if not names:
-            return [], ctx.healthy()
+            return {}, ctx.healthy()
         if not ctx.transport.connected:
-            return [], False
+            return {}, False
         req = os.urandom(8).hex()
         rnd = self._rounds[req] = _Round(token, set())
         try:
@@ -203,12 +203,12 @@ class Ownership:
             ctx.warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
         finally:
             del self._rounds[req]
-        return list(rnd.replies.values()), rnd.complete() and not rnd.unheard and ctx.healthy()
+        return rnd.replies, rnd.complete() and not rnd.unheard and ctx.healthy()
 
-    async def _take(self, token: str, replies: list[m.FetchReply], complete: bool) -> Entry | None:
+    async def _take(self, token: str, replies: dict[str, m.FetchReply], complete: bool) -> Entry | None:
         ctx = self.ctx
         now = ctx.wall()
-        if any(r.dead for r in replies) or ctx.store.is_dead(token, now):
+        if any(r.dead for r in replies.values()) or ctx.store.is_dead(token, now):
             ctx.store.bury(token, now + ctx.timing.tombstone_ttl, extend=False)
             return None
         mine = ctx.store.owned.get(token)
@@ -217,7 +217,7 @@ class Ownership:
             for e in (mine, ctx.store.backups.get(token))
             if e is not None and e.version > 0
         ]
-        for r in replies:
+        for r in replies.values():
             if r.state is not None:
                 copy = entry_from(r.state, now)
                 candidates.append(versions.Candidate(copy.vv, copy.epoch, copy.owner, copy.payload, copy))
@@ -248,8 +248,19 @@ class Ownership:
             self.unconfirmed[token] = "takeover"
             ctx.stats.takeovers_unconfirmed += 1
         ctx.stats.takeovers += 1
-        await self.replication.replicate(entry)
         self.announce(entry)
+        fut = self.replication.enqueue(entry)
+        if fut is not None:
+            refusal: m.Refusal | None | BaseException = None
+            try:
+                refusal = await asyncio.wait_for(asyncio.shield(fut), ctx.timing.ack_timeout)
+            except Exception as exc:  # noqa: BLE001 -- timeouts and refusals: counted, requeued by the outbox
+                refusal = exc
+            if refusal is None:
+                # Its backup has it: the copies that were merged into it may go.
+                for name, r in replies.items():
+                    if r.state is not None and name != entry.backup:
+                        self.replication.drop_later(name, token, entry.epoch - 1)
         return entry
 
     def _conflict(self, entry: Entry, losers: list[versions.Candidate]) -> None:
@@ -444,10 +455,9 @@ class Ownership:
             copy = store.backups.get(token)
             if copy is None or copy.epoch >= epoch:
                 continue
-            if versions.dominates(vv, copy.vv):
-                if copy.owner != member.name:
-                    del store.backups[token]  # superseded; the new owner's backup has it
-            else:
+            # A copy the new owner's data dominates stays until the owner says its backup
+            # has the session (DROP): the announcement alone proves nothing was copied.
+            if not versions.dominates(vv, copy.vv):
                 self.reclaim(token)  # an acknowledged write the new owner lacks
 
     # == adoption and hand-off =================================================================
