@@ -305,8 +305,9 @@ class Writers:
     def _run(self, client: Client) -> None:
         try:
             while not self._stop.is_set() and client.active:
-                client.write()
-                self._stop.wait(self.pause)
+                op = client.write()
+                # A node that does not answer (stopping, restarting) is not hammered.
+                self._stop.wait(self.pause if op.status is not None else max(self.pause, 0.2))
         except Exception as exc:  # noqa: BLE001 - a bug in the test itself, re-raised by stop()
             self.errors.append(exc)
 

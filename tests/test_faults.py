@@ -46,6 +46,7 @@ from tests.fault_utils import (
     observe,
     status,
 )
+from tests.faultproxy import Direction
 from tests.utils import free_port
 
 pytestmark = pytest.mark.timeout(150)
@@ -127,12 +128,20 @@ def test_checker_leaves_unconfirmed_logouts_and_writes_alone(history: History) -
 # -- scenarios ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_node_cut_off_from_redis_while_its_clients_write(mode: Mode) -> None:
-    """node1's link to Redis is blackholed both ways, connections kept open, for longer
-    than the drop time, while its users keep writing to it directly (and node2's users
-    to node2); then healed. node1 is then SIGKILLed."""
-    verdict = Verdict(f"cut-off[{mode}]")
+@pytest.mark.parametrize(
+    ("direction", "mode"),
+    [
+        pytest.param("both", SERVE, id="both-serve"),
+        pytest.param("both", REFUSE, id="both-refuse"),
+        # node1 is heard by all but hears nobody (not even itself): the zombie subscriber
+        pytest.param("s2c", SERVE, id="s2c-serve"),
+    ],
+)
+def test_node_cut_off_from_redis_while_its_clients_write(direction: Direction, mode: Mode) -> None:
+    """node1's link to Redis is blackholed (both ways, or Redis->node1 only), connections
+    kept open, for longer than the drop time, while its users keep writing to it directly
+    (and node2's users to node2); then healed. node1 is then SIGKILLed."""
+    verdict = Verdict(f"cut-off-{direction}[{mode}]")
     with FaultCluster(3, env=mode.env, proxied=["node1"]) as cl:
         node1, node2, _node3 = cl.nodes
         cut = cl.new_clients(node1, 4, "a") + cl.new_clients(node2, 2, "b")
@@ -140,7 +149,7 @@ def test_node_cut_off_from_redis_while_its_clients_write(mode: Mode) -> None:
         with Writers(cut):
             time.sleep(1.0)
             cl.history.phase = "fault"
-            cl.proxies["node1"].blackhole("both")
+            cl.proxies["node1"].blackhole(direction)
             seen: dict[str, set[int | None]] = {n.name: set() for n in cl.nodes}
 
             def fenced() -> bool:
@@ -175,7 +184,7 @@ def test_node_paused_past_the_drop_time_then_written_to(mode: Mode) -> None:
     verdict = Verdict(f"node-paused[{mode}]")
     with FaultCluster(3, env=mode.env) as cl:
         node1, node2, _node3 = cl.nodes
-        users = cl.new_clients(node1, 4, "a") + cl.new_clients(node2, 2, "b")
+        users = cl.new_clients(node1, 6, "a") + cl.new_clients(node2, 2, "b")
         with Writers(users):
             time.sleep(1.0)
             cl.history.phase = "fault"
@@ -258,12 +267,16 @@ def test_redis_read_only_for_a_moment() -> None:
 
 
 def test_rolling_restart_in_async_mode_right_after_writes() -> None:
-    """Async replication: a burst of writes to every session, then SIGTERM one node at
-    once (its backups may be behind), restart it, and on to the next node. At the end
+    """Async replication over links to Redis with 100 ms of latency each way (so a burst
+    of writes is ahead of what the backups hold): a burst of writes to every session,
+    SIGTERM to one node while it lasts, restart it, and on to the next node. At the end
     node3, the last one restarted, is SIGKILLed."""
     mode = SERVE
     verdict = Verdict("rolling-restart[async]")
-    with FaultCluster(3, env={**mode.env, "CLUSTERSESS_REPLICATION": "async"}) as cl:
+    names = ["node1", "node2", "node3"]
+    with FaultCluster(3, env={**mode.env, "CLUSTERSESS_REPLICATION": "async"}, proxied=names) as cl:
+        for proxy in cl.proxies.values():
+            proxy.delay(0.1)
         users: list[Client] = []
         for node in cl.nodes:
             users += cl.new_clients(node, 3, f"{node.name}-")
@@ -273,7 +286,10 @@ def test_rolling_restart_in_async_mode_right_after_writes() -> None:
                 user.home = cl.node(user.route or user.home.name)  # a sticky balancer's choice
             with Writers(users, pause=0.01):
                 time.sleep(0.5)
-            code = node.terminate()
+                assert node.proc is not None
+                node.proc.send_signal(signal.SIGTERM)
+                time.sleep(0.05)
+            code = node.wait(timeout=15.0)
             verdict.require(code in (0, -signal.SIGTERM), f"{node.name} exited with {code} on SIGTERM")
             cl.history.phase = f"{node.name}-restarting"
             node.start()
