@@ -533,7 +533,7 @@ class Verdict:
     acknowledged_by_phase: Counter[str] = dataclasses.field(default_factory=Counter)
     sessions_lost: int = 0  # sessions a survivor no longer knew at all
     disagreements: int = 0  # sessions the survivors read differently
-    resurrected: int = 0  # logouts answered 200 that came back
+    resurrected: int = 0  # sessions whose logout was answered 200 and that came back
     duplicate_owners: int | None = None  # owned sessions counted beyond the live ones
     problems: list[str] = dataclasses.field(default_factory=list)
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -596,12 +596,14 @@ def check(history: Sequence[Op], verdict: Verdict) -> Verdict:
 
 
 def _check_logged_out(client: str, finals: list[Op], verdict: Verdict) -> None:
+    back = False
     for read in finals:
         if not verdict.require(read.ok, f"{client}: the final read on {read.node} got HTTP {read.status}"):
             continue
         if not read.new or read.data:
-            verdict.resurrected += 1
+            back = True
             verdict.problems.append(f"{client}: logged out (200), but {read.node} served the session: {read.data}")
+    verdict.resurrected += back
 
 
 def _check_session(client: str, writes: list[Op], finals: list[Op], verdict: Verdict) -> None:
@@ -664,6 +666,13 @@ def _check_session(client: str, writes: list[Op], finals: list[Op], verdict: Ver
 # -- the end of every scenario ----------------------------------------------------------
 
 
+#: counters of /cluster.json "stats" worth showing next to the verdict
+STATS_SHOWN = (
+    "adopted", "takeovers", "takeover_conflicts", "ack_timeouts", "requeued", "writes_after_handoff",
+    "messages_dropped_stale", "redis_reconnects", "resyncs", "handed_over",
+)  # fmt: skip
+
+
 def finish(
     cluster: FaultCluster,
     verdict: Verdict,
@@ -671,12 +680,16 @@ def finish(
     mode: Mode,
     victims: Sequence[NodeProcess],
     settle: bool | None = None,
+    unanswered_ok: bool = False,
 ) -> Verdict:
     """SIGKILL the owner(s) and read every session back through every survivor, in turn.
 
     With ``settle`` (default: the mode's), first wait until the cluster has settled and
     check that every session has one owner; then kill. The reads go to each survivor in
     turn (each read takes the session over), so they also show whether the survivors agree.
+    In ``serve`` mode every write must have been answered 200 (the node serves from
+    memory whatever happens), and answered at all unless ``unanswered_ok`` (a node was
+    down on purpose).
     """
     history = cluster.history
     if settle if settle is not None else mode.settle_before_kill:
@@ -684,6 +697,11 @@ def finish(
         problem = cluster.wait_settled()
         verdict.require(problem is None, problem or "")
         _check_owners(cluster, verdict)
+    totals: Counter[str] = Counter()
+    for node in cluster.live():
+        stats = (status(node) or {}).get("stats") or {}
+        totals.update({k: int(stats[k]) for k in STATS_SHOWN if isinstance(stats.get(k), int)})
+    verdict.notes["stats_before_kill"] = dict(totals)
     history.phase = "final"
     for node in victims:
         node.kill(signal.SIGKILL)
@@ -697,7 +715,13 @@ def finish(
                 client.read(node, final=True, cookie=client.logged_out)
             else:
                 client.read(node, final=True)
-    return check(history.ops, verdict)
+    check(history.ops, verdict)
+    if mode is SERVE:
+        verdict.require(verdict.refused == 0, f"serve mode answered {verdict.refused} write(s) with 503")
+        verdict.require(
+            unanswered_ok or verdict.unanswered == 0, f"{verdict.unanswered} write(s) got no answer at all"
+        )
+    return verdict
 
 
 def _check_owners(cluster: FaultCluster, verdict: Verdict, timeout: float = 10.0) -> None:
