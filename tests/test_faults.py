@@ -183,7 +183,7 @@ def test_node_cut_off_from_redis_while_its_clients_write(direction: Direction, m
                 )
                 time.sleep(1.0)
         finish(cl, verdict, mode=mode, victims=[node1])
-    conclude(verdict)
+        conclude(verdict)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -208,7 +208,7 @@ def test_node_paused_past_the_drop_time_then_written_to(mode: Mode) -> None:
             cl.wait_health(node1, 200, HEAL_TIMEOUT), f"node1's /health not 200 within {HEAL_TIMEOUT}s of SIGCONT"
         )
         finish(cl, verdict, mode=mode, victims=[node1])
-    conclude(verdict)
+        conclude(verdict)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -234,7 +234,7 @@ def test_redis_paused_with_writes_in_flight(mode: Mode) -> None:
                 f"{node.name}'s /health not 200 within {HEAL_TIMEOUT}s after Redis resumed",
             )
         finish(cl, verdict, mode=mode, victims=[node1])
-    conclude(verdict)
+        conclude(verdict)
 
 
 def test_redis_read_only_for_a_moment() -> None:
@@ -272,7 +272,7 @@ def test_redis_read_only_for_a_moment() -> None:
                     op = user.write()
                     verdict.require(op.ok, f"a write after the READONLY spell was not answered 200: {op.line()}")
         finish(cl, verdict, mode=mode, victims=[node1])
-    conclude(verdict)
+        conclude(verdict)
 
 
 def test_rolling_restart_in_async_mode_right_after_writes() -> None:
@@ -308,4 +308,4 @@ def test_rolling_restart_in_async_mode_right_after_writes() -> None:
             user.home = cl.node(user.route or user.home.name)
             user.write()
         finish(cl, verdict, mode=mode, victims=[cl.node("node3")], unanswered_ok=True)
-    conclude(verdict)
+        conclude(verdict)
