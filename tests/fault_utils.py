@@ -512,6 +512,17 @@ class FaultCluster:
             time.sleep(0.1)
         return True
 
+    def tasks_not_running(self) -> dict[str, dict[str, Any]]:
+        """Background tasks (``/cluster.json`` "tasks") that are neither running nor
+        finished, by node; empty if none (or if the node does not report tasks)."""
+        bad: dict[str, dict[str, Any]] = {}
+        for node in self.live():
+            tasks = (status(node) or {}).get("tasks") or {}
+            for name, info in tasks.items():
+                if isinstance(info, dict) and info.get("state") not in ("running", "finished"):
+                    bad.setdefault(node.name, {})[name] = info
+        return bad
+
     def owners_total(self) -> int | None:
         """How many sessions the live nodes own, added up (None if a node does not answer)."""
         total = 0
@@ -675,7 +686,8 @@ def _check_session(client: str, writes: list[Op], finals: list[Op], verdict: Ver
 #: counters of /cluster.json "stats" worth showing next to the verdict
 STATS_SHOWN = (
     "adopted", "takeovers", "takeover_conflicts", "ack_timeouts", "requeued", "writes_after_handoff",
-    "messages_dropped_stale", "redis_reconnects", "resyncs", "handed_over",
+    "messages_dropped_stale", "redis_reconnects", "resyncs", "handed_over", "writes_unreplicated",
+    "writes_refused", "acks_refused", "conflicts", "stepped_down", "rejoins", "watchdog_resets", "task_restarts",
 )  # fmt: skip
 
 

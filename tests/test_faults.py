@@ -265,6 +265,11 @@ def test_redis_read_only_for_a_moment() -> None:
             cl.wait_members(timeout=10.0)
         except TimeoutError as exc:
             verdict.problems.append(f"members not live after READONLY: {exc}")
+        # Supervised tasks may have restarted meanwhile, but they must be running again.
+        deadline = time.monotonic() + 10.0
+        while (stuck := cl.tasks_not_running()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        verdict.require(not stuck, f"background tasks not running after READONLY: {stuck}")
         cl.history.phase = "after"
         for user in users:
             if user.active:
