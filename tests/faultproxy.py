@@ -107,6 +107,7 @@ class FaultProxy:
         self._delay = 0.0
         self._dropping = False
         self._reset = True
+        self._closing = False
         # counters (changed only on the loop thread)
         self._accepted = self._refused = self._upstream_failures = self._closed_by_fault = 0
         self._bytes = {"c2s": 0, "s2c": 0}
@@ -256,6 +257,7 @@ class FaultProxy:
             await self._listen()  # the same port again (SO_REUSEADDR)
 
     async def _shutdown(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -286,6 +288,11 @@ class FaultProxy:
         self._tasks.add(task)
         try:
             await self._serve(creader, cwriter)
+        except asyncio.CancelledError:
+            # close() cancels the handlers; asyncio's start_server callback would log a
+            # cancelled handler as an error, so the handler ends quietly, and only then.
+            if not self._closing:
+                raise
         finally:
             self._tasks.discard(task)
 

@@ -153,14 +153,15 @@ def test_node_cut_off_from_redis_while_its_clients_write(direction: Direction, m
             cl.history.phase = "fault"
             cl.proxies["node1"].blackhole(direction)
             seen: dict[str, set[int | None]] = {n.name: set() for n in cl.nodes}
-            states: set[str] = set()  # node1's /cluster.json "health" "state", if it has one
+            # each node's /cluster.json "health" "state", if it has one
+            states: dict[str, set[str]] = {n.name: set() for n in cl.nodes}
 
             def fenced() -> bool:
                 for node in cl.nodes:
                     seen[node.name].add(health(node, timeout=2.0))
-                verdict_of = (status(node1, timeout=2.0) or {}).get("health")
-                if isinstance(verdict_of, dict):
-                    states.add(str(verdict_of.get("state")))
+                    verdict_of = (status(node, timeout=2.0) or {}).get("health")
+                    if isinstance(verdict_of, dict):
+                        states[node.name].add(str(verdict_of.get("state")))
                 return 503 in seen["node1"]
 
             # Longer than drop time plus any lease; longer still until node1 says it is fenced.
@@ -168,7 +169,7 @@ def test_node_cut_off_from_redis_while_its_clients_write(direction: Direction, m
             # One logout on the cut-off node: if it is answered 200 it must never come back.
             leaving.logout()
             verdict.notes["health_seen_during_cut"] = {k: sorted(map(str, v)) for k, v in seen.items()}
-            verdict.notes["node1_health_states_during_cut"] = sorted(states)
+            verdict.notes["health_states_during_cut"] = {k: sorted(v) for k, v in states.items()}
             verdict.require(503 in seen["node1"], f"node1's /health never said 503 while it was cut off: {seen}")
             verdict.require(
                 seen["node2"] == {200} and seen["node3"] == {200},
