@@ -283,10 +283,12 @@ def test_redis_read_only_for_a_moment() -> None:
 
 def test_rolling_restart_in_async_mode_right_after_writes() -> None:
     """Async replication: a burst of writes to every session, and SIGTERM to one node
-    while it lasts, restart it, and on to the next node. While its burst lasts, the
-    stopping node's link to Redis has 250 ms of latency each way, so its backups are
-    behind when it stops (as with a Redis far away, or busy). At the end node3, the last
-    one restarted, is SIGKILLed."""
+    while it lasts, restart it, and on to the next node. Just before the SIGTERM the
+    stopping node's link to Redis gets 250 ms of latency each way (a Redis far away, or
+    busy), so writes it has answered are still on their way to the backups when it stops;
+    the latency starts too late to make the node think it is cut off (its own heartbeats
+    would need 4 intervals to go missing) before it is stopping. At the end node3, the
+    last one restarted, is SIGKILLed."""
     mode = SERVE
     verdict = Verdict("rolling-restart[async]")
     names = ["node1", "node2", "node3"]
@@ -298,9 +300,10 @@ def test_rolling_restart_in_async_mode_right_after_writes() -> None:
             cl.history.phase = f"burst-before-{node.name}-stops"
             for user in users:
                 user.home = cl.node(user.route or user.home.name)  # a sticky balancer's choice
-            cl.proxies[node.name].delay(0.25)
             with Writers(users, pause=0.01):
                 time.sleep(0.5)
+                cl.proxies[node.name].delay(0.25)
+                time.sleep(0.05)
                 assert node.proc is not None
                 node.proc.send_signal(signal.SIGTERM)
                 time.sleep(0.05)
