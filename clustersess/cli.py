@@ -31,7 +31,9 @@ def main() -> None:
 @click.option("--replication", type=click.Choice(["sync", "async"]), envvar="CLUSTERSESS_REPLICATION", default=None)
 @click.option("--log-level", default="info", show_default=True)
 @click.argument("app", default="demo_app:app")
-def node(name: str, host: str, port: int, redis_url: str | None, replication: str | None, log_level: str, app: str) -> None:
+def node(
+    name: str, host: str, port: int, redis_url: str | None, replication: str | None, log_level: str, app: str
+) -> None:
     """Run APP (default: the test.jsp demo) as one cluster node under uvicorn + uvloop."""
     os.environ["CLUSTERSESS_NODE"] = name
     if redis_url:
@@ -78,7 +80,7 @@ def _log_config(level: str) -> dict[str, object]:
 def demo(nodes: int, port_base: int, lb: str, lb_port: int | None, host: str) -> None:
     """Run Redis, N test.jsp nodes and a sticky load balancer here; Ctrl-C stops them all.
 
-    Redis: CLUSTERSESS_REDIS_URL if set, else redis-server on PATH, else the one the
+    Redis: CLUSTERSESS_REDIS_URL if set, else a Redis >= 7 on PATH, else the one the
     'demo' extra installs. The secret: CLUSTERSESS_SECRET, else a random one per run.
     """
     from .demo import DemoError, DemoOptions, run

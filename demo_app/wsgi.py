@@ -21,6 +21,9 @@ from clustersess.flask_ext import ClusterSession
 NODE = os.environ.get("CLUSTERSESS_NODE", "node1")
 
 app = Flask(__name__)
+# The cookie the Starlette nodes use (Tomcat's name), so this node serves their sessions;
+# CLUSTERSESS_COOKIE, if set, wins over it on every node.
+app.config["SESSION_COOKIE_NAME"] = "JSESSIONID"
 clustersess = ClusterSession(app)
 
 

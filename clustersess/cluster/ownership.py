@@ -25,6 +25,7 @@ import os
 import random
 
 from .. import codec, versions
+from ..errors import ReplicationUnavailable
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
@@ -93,6 +94,13 @@ class Ownership:
         self._pins.setdefault(token, []).append(pin)
         try:
             await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._unpin(token, pin)
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                # The node is stopping (its task group cancelled the takeover), not us.
+                raise ReplicationUnavailable("this node is stopping") from None
+            raise
         except BaseException:
             self._unpin(token, pin)
             raise
