@@ -269,7 +269,8 @@ class Client:
         deadline = time.monotonic() + HEAL_TIMEOUT
         while True:
             started = time.monotonic()
-            status, payload, new_cookie = self._request("GET", node, "/api/session", None, self.cookie if own else cookie)
+            sent = self.cookie if own else cookie
+            status, payload, new_cookie = self._request("GET", node, "/api/session", None, sent)
             if status == 200 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -388,7 +389,8 @@ class FaultCluster:
             name = f"node{i}"
             url = self.redis.url
             if name in self._proxied:
-                proxy = self.proxies[name] = FaultProxy((self.redis.host, self.redis.port), name=f"proxy-{name}").start()
+                proxy = FaultProxy((self.redis.host, self.redis.port), name=f"proxy-{name}").start()
+                self.proxies[name] = proxy
                 url = f"redis://{proxy.host}:{proxy.port}/0"
             node = NodeProcess(name, redis_url=url, env=self.env, log_level=self._log_level)
             self.nodes.append(node)
@@ -677,7 +679,8 @@ def _check_session(client: str, writes: list[Op], finals: list[Op], verdict: Ver
         )
     if len({json.dumps(d, sort_keys=True) for _, d in views}) > 1:
         verdict.disagreements += 1
-        verdict.problems.append(f"{client}: the survivors disagree: " + "; ".join(f"{n}: {sorted(d)}" for n, d in views))
+        seen = "; ".join(f"{n}: {sorted(d)}" for n, d in views)
+        verdict.problems.append(f"{client}: the survivors disagree: {seen}")
 
 
 # -- the end of every scenario ----------------------------------------------------------
