@@ -18,7 +18,7 @@ from . import codec, heap, ids, tasks, versions
 from .clock import Clock, SystemClock
 from .config import Config
 from .cookies import KEEP, CookieAction, decide
-from .errors import ReplicationUnavailable, SessionTooLarge, SessionValueError
+from .errors import ReplicationUnavailable, SessionTooLarge, SessionUnavailable, SessionValueError
 from .listeners import DestroyReason, SessionEvent, SessionListener
 from .session import Entry, Session
 from .stats import Stats
@@ -40,7 +40,7 @@ class Replicator(Protocol):
     async def stop(self) -> None: ...
     async def acquire(self, token: str) -> Entry | None: ...
     async def replicate(self, entry: Entry) -> bool: ...
-    def can_replicate(self) -> bool: ...
+    def can_replicate(self, token: str | None = None) -> bool: ...
     def buried(self, tokens: dict[str, str | None]) -> None: ...
     async def settle(self) -> bool: ...
     def reclaim(self, entry: Entry) -> None: ...
@@ -345,7 +345,13 @@ class SessionManager:
             # Not ours (or the client's cookie names another owner): the cluster may hold
             # a newer copy. On a single node, a local copy is the only copy.
             if self.cluster is not None:
-                entry = await self.cluster.acquire(token)
+                try:
+                    entry = await self.cluster.acquire(token)
+                except SessionUnavailable:
+                    if self._refuse:
+                        self.stats.writes_refused += 1
+                        raise
+                    entry = None  # serve: a fresh session (the real one comes back on heal)
             elif entry is None:
                 return None
         if entry is None:
@@ -373,7 +379,12 @@ class SessionManager:
         if self.close_local(handle):
             return KEEP
         cluster = self.cluster
-        if cluster is not None and self._refuse and not cluster.can_replicate() and self._would_change(handle):
+        if (
+            cluster is not None
+            and self._refuse
+            and not cluster.can_replicate(handle.session._entry.token)
+            and self._would_change(handle)
+        ):
             # Fenced, and configured to refuse: nothing is stored, the request gets 503.
             self.abandon(handle)
             self.stats.writes_refused += 1
@@ -525,7 +536,7 @@ class SessionManager:
         """Refuse mode: a logout or login on a fenced node fails before it changes anything
         (its tombstone could not reach the cluster)."""
         cluster = self.cluster
-        if self._refuse and cluster is not None and entry.version > 0 and not cluster.can_replicate():
+        if self._refuse and cluster is not None and entry.version > 0 and not cluster.can_replicate(entry.token):
             self.stats.writes_refused += 1
             raise ReplicationUnavailable("this node is fenced: " + cluster.health().reason, KEEP)
 

@@ -23,9 +23,10 @@ import asyncio
 import dataclasses
 import os
 import random
+from typing import Any
 
 from .. import codec, versions
-from ..errors import ReplicationUnavailable
+from ..errors import ReplicationUnavailable, SessionUnavailable
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
@@ -41,9 +42,18 @@ class _Round:
     expected: set[str]
     replies: dict[str, m.FetchReply] = dataclasses.field(default_factory=dict)
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: a live member had no subscriber on its channel
+    unheard: bool = False
 
     def complete(self) -> bool:
         return self.expected <= set(self.replies)
+
+
+class _Unavailable:
+    """A takeover's answer when no copy was found and not every member answered."""
+
+
+UNAVAILABLE: Any = _Unavailable()
 
 
 class _Pin:
@@ -66,10 +76,14 @@ class Ownership:
         #: tokens this node is taking over right now (FETCH out, not yet owned)
         self.contending: set[str] = set()
         #: owned sessions whose takeover did not hear every member: confirm them later
-        self.unconfirmed: dict[str, None] = {}
+        self.unconfirmed: dict[str, str] = {}  # token -> "takeover" | "rejoin"
         #: sessions to take over again to reconcile (writes the current owner may lack)
         self._reclaim_due: dict[str, None] = {}
         self._reclaim_wake = asyncio.Event()
+        #: sessions we gave up to a FETCH, at the epoch we held, until a new owner speaks
+        self._released: dict[str, int] = {}
+        #: member -> our newer claims to tell it (it announced an older one)
+        self._answers: dict[str, list[tuple[str, int, versions.VV]]] = {}
         #: OWNED announcements waiting to be sent, coalesced
         self._owned_due: list[tuple[str, int, versions.VV]] = []
 
@@ -108,6 +122,8 @@ class Ownership:
         entry = pin.entry
         if entry is not None:
             entry.inflight -= 1  # handed to the caller, which pins it itself
+        elif task.done() and not task.cancelled() and task.result() is UNAVAILABLE:
+            raise SessionUnavailable("no copy of the session was found, and not every member answered")
         return entry
 
     def _unpin(self, token: str, pin: _Pin, *, keep: bool = False) -> None:
@@ -176,13 +192,18 @@ class Ownership:
                 n = await asyncio.wait_for(fut, ctx.timing.takeover_round)
                 if n > 0:
                     rnd.expected.add(name)  # someone listens there: wait for its answer
+                else:
+                    # Nobody listens there: killed, or reconnecting with the session in
+                    # its memory. Not worth waiting for, but not proof either: the
+                    # ownership stays unconfirmed until that member answers or is gone.
+                    rnd.unheard = True
             if not rnd.complete():
                 await asyncio.wait_for(rnd.done.wait(), ctx.timing.takeover_round)
         except (TimeoutError, TransportError):
             ctx.warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
         finally:
             del self._rounds[req]
-        return list(rnd.replies.values()), rnd.complete() and ctx.healthy()
+        return list(rnd.replies.values()), rnd.complete() and not rnd.unheard and ctx.healthy()
 
     async def _take(self, token: str, replies: list[m.FetchReply], complete: bool) -> Entry | None:
         ctx = self.ctx
@@ -205,7 +226,9 @@ class Ownership:
                 self._pin_waiters(token)
                 return mine
             ctx.stats.takeover_misses += 1
-            return None
+            # Nobody we heard has it. If someone did not answer, it may: that is not
+            # "no such session" (a fresh one would hide the real one from its user).
+            return None if complete else UNAVAILABLE
         winner, vv, losers = versions.choose(candidates)
         best: Entry = winner.item
         if now - best.last_accessed > ctx.config.max_inactive and mine is None:
@@ -222,7 +245,7 @@ class Ownership:
         if complete:
             self.unconfirmed.pop(token, None)
         else:
-            self.unconfirmed[token] = None
+            self.unconfirmed[token] = "takeover"
             ctx.stats.takeovers_unconfirmed += 1
         ctx.stats.takeovers += 1
         await self.replication.replicate(entry)
@@ -266,6 +289,30 @@ class Ownership:
         if len(self._owned_due) == 1:
             asyncio.get_running_loop().call_soon(self._send_owned)
 
+    def _send_answers(self) -> None:
+        answers, self._answers = self._answers, {}
+        for name, items in answers.items():
+            for i in range(0, len(items), ITEMS_PER_MESSAGE):
+                self.ctx.outbox.send(self.ctx.channel(name), m.Owned(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+
+    def rejoined(self) -> None:
+        """We rejoined as a new incarnation: announce every session we hold, provisional
+        until the cluster had time to answer (a member that owns one at a newer epoch
+        answers with its claim, and we step down or reconcile)."""
+        ctx = self.ctx
+        for entry in list(ctx.store.owned.values()):
+            self.unconfirmed.setdefault(entry.token, "rejoin")
+            self.announce(entry)
+        asyncio.get_running_loop().call_later(2 * ctx.timing.takeover_round, self._confirm_rejoined)
+
+    def _confirm_rejoined(self) -> None:
+        if not self.ctx.healthy():
+            asyncio.get_running_loop().call_later(self.ctx.timing.takeover_round, self._confirm_rejoined)
+            return
+        for token, why in list(self.unconfirmed.items()):
+            if why == "rejoin":
+                del self.unconfirmed[token]
+
     def _send_owned(self) -> None:
         due, self._owned_due = self._owned_due, []
         for i in range(0, len(due), ITEMS_PER_MESSAGE):
@@ -291,11 +338,11 @@ class Ownership:
             if not ctx.healthy():
                 continue
             due, self._reclaim_due = self._reclaim_due, {}
-            for token in list(self.unconfirmed):
-                if token in ctx.store.owned:
-                    due[token] = None
-                else:
+            for token, why in list(self.unconfirmed.items()):
+                if token not in ctx.store.owned:
                     del self.unconfirmed[token]
+                elif why == "takeover":
+                    due[token] = None
             for token in due:
                 if ctx.store.is_dead(token, ctx.wall()):
                     continue
@@ -339,9 +386,23 @@ class Ownership:
             # in case the new owner dies before replicating.
             ctx.store.backups[token] = owned
             self.unconfirmed.pop(token, None)
+            # A FETCH can arrive late (its round long over) or its taker can die: if no
+            # new owner announces itself in time, take the session back (by a takeover,
+            # which finds a new owner if there is one), so that it is never orphaned.
+            self._released[token] = owned.epoch
+            asyncio.get_running_loop().call_later(2 * ctx.timing.takeover_round, self._unclaimed, token, owned.epoch)
         copy = owned or ctx.store.backups.get(token)
         state = state_of(copy, ctx.wall()) if copy is not None and copy.version > 0 else None
         ctx.outbox.send(ctx.channel(src), m.FetchReply(body.request, token, state))
+
+    def _unclaimed(self, token: str, epoch: int) -> None:
+        if self._released.get(token) != epoch:
+            return  # a new owner announced itself (or we released it again since)
+        del self._released[token]
+        store = self.ctx.store
+        if token not in store.owned and token in store.backups and not store.is_dead(token, self.ctx.wall()):
+            self.ctx.stats.takebacks += 1
+            self.reclaim(token)
 
     def on_fetch_reply(self, member: Member, env: m.Envelope) -> None:
         body = env.body
@@ -359,10 +420,18 @@ class Ownership:
         ctx = self.ctx
         store = ctx.store
         for token, epoch, vv in body.items:
+            released = self._released.get(token)
+            if released is not None and epoch > released:
+                del self._released[token]  # the taker we gave it to owns it now
             mine = store.owned.get(token)
             if mine is not None:
                 if mine.epoch > epoch or (mine.epoch == epoch and ctx.name < member.name):
-                    continue  # ours is the newer claim (or wins the tie); it will tell them
+                    # Ours is the newer claim (or wins the tie): tell the claimant, which
+                    # steps down (a node rejoining after a cut-off announces what it held).
+                    self._answers.setdefault(member.name, []).append((token, mine.epoch, mine.vv))
+                    if len(self._answers) == 1 and len(self._answers[member.name]) == 1:
+                        asyncio.get_running_loop().call_soon(self._send_answers)
+                    continue
                 if token in self.contending:
                     continue  # our own takeover decides
                 del store.owned[token]
