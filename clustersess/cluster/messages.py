@@ -87,7 +87,10 @@ def _int(body: dict[str, Any], key: str, low: int = 0) -> int:
 def _num(value: Any, what: str) -> float:
     if type(value) not in (int, float):
         raise Malformed(f"{what} must be a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float (stdlib json parses 1e400 digits)
+        raise Malformed(f"{what} is out of range") from None
     if not math.isfinite(number) or number < 0:
         raise Malformed(f"{what} must be a finite number >= 0")
     return number
