@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from typing import Any, ClassVar
 
 import orjson
@@ -453,6 +454,11 @@ class Retired(Body):
         return cls(inc)
 
 
+#: what Digest.to_json writes; int(h, 16) alone also takes "-", "+", "0x", "_", spaces
+#: and non-ASCII digits, so a negative or non-canonical "hash" would pass
+_HEX64 = re.compile("[0-9a-f]{16}")
+
+
 def _buckets(body: dict[str, Any], key: str) -> tuple[int, ...]:
     items = _list(body, key, DIGEST_BUCKETS)
     if any(type(b) is not int or not 0 <= b < DIGEST_BUCKETS for b in items):
@@ -471,12 +477,9 @@ class Digest(Body):
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Digest:
         items = _list(body, "h", DIGEST_BUCKETS)
-        if len(items) != DIGEST_BUCKETS or not all(isinstance(h, str) and len(h) == 16 for h in items):
+        if len(items) != DIGEST_BUCKETS or not all(isinstance(h, str) and _HEX64.fullmatch(h) for h in items):
             raise Malformed("a digest has one 16-digit hex value per bucket")
-        try:
-            return cls(tuple(int(h, 16) for h in items))
-        except ValueError:
-            raise Malformed("a digest value is not hex") from None
+        return cls(tuple(int(h, 16) for h in items))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
