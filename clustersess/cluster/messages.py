@@ -380,11 +380,16 @@ class FetchReply(Body):
 
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> FetchReply:
+        request = _get(body, "req", str)
+        if len(request) > 64:
+            raise Malformed("request id too long")
+        token = _token(body.get("k"))
         raw = body.get("s")
         state = None if raw is None else SessionState.from_json(raw, blobs)
-        return cls(
-            _get(body, "req", str), _token(body.get("k")), state, _get(body, "dead", bool), _get(body, "busy", bool)
-        )
+        if state is not None and state.token != token:
+            # the taker matches replies by (request, token) and promotes the state it gets
+            raise Malformed("a fetch reply carries the state of the session it names")
+        return cls(request, token, state, _get(body, "dead", bool), _get(body, "busy", bool))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
