@@ -24,7 +24,7 @@ from clustersess import ids, versions
 from clustersess.cluster import messages as m
 from clustersess.config import ROUTE_RE
 
-FUZZ = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 CLUSTER = "clustersess"
 TOKEN = "tok0" + "A" * 20
@@ -240,7 +240,7 @@ def family(prefix: str, base: Doc, path: tuple[Any, ...], values: dict[str, Any]
 
 def arity(prefix: str, base: Doc, path: tuple[Any, ...]) -> dict[str, Doc]:
     """An item of a list of tuples: too short, too long, and not a list."""
-    item = base[0]
+    item: Any = base[0]
     for key in path:
         item = item[key]
     return {
