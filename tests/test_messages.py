@@ -60,6 +60,7 @@ SAMPLES: dict[m.MsgType, list[m.Body]] = {
     m.MsgType.OWNED: [m.Owned(((TOKEN, 4, ("node1", 7)), (TOKEN2, 0, ())))],
     m.MsgType.DROP: [m.Drop(((TOKEN, 3), (TOKEN2, 0)))],
     m.MsgType.RESYNC: [m.Resync(12.5), m.Resync(0.0)],
+    m.MsgType.RETIRED: [m.Retired("00ff00ff00ff00ff")],
     m.MsgType.DIGEST: [m.Digest(HASHES)],
     m.MsgType.NEED: [m.Need((0, 63)), m.Need(())],
     m.MsgType.PRUNE: [m.Prune((1, 2), (TOKEN, TOKEN2)), m.Prune((5,), ())],
@@ -180,13 +181,14 @@ REPLY = valid(SAMPLES[m.MsgType.FETCH_REPLY][0])
 OWNED = valid(SAMPLES[m.MsgType.OWNED][0])
 DROP = valid(SAMPLES[m.MsgType.DROP][0])
 RESYNC = valid(SAMPLES[m.MsgType.RESYNC][0])
+RETIRED = valid(SAMPLES[m.MsgType.RETIRED][0])
 DIGEST = valid(SAMPLES[m.MsgType.DIGEST][0])
 NEED = valid(SAMPLES[m.MsgType.NEED][0])
 PRUNE = valid(SAMPLES[m.MsgType.PRUNE][0])
 BASES = {
     "heartbeat": HB, "leave": LEAVE, "replicate": REP, "ack": ACK, "accessed": ACC, "invalidate": INV,
     "fetch": FETCH, "reply": REPLY, "owned": OWNED, "drop": DROP, "resync": RESYNC, "digest": DIGEST,
-    "need": NEED, "prune": PRUNE,
+    "need": NEED, "prune": PRUNE, "retired": RETIRED,
 }  # fmt: skip
 
 # families of wrong values, by what the field must be
@@ -196,14 +198,16 @@ NOT_TIME = {
 }  # fmt: skip
 NOT_COUNT = {"missing": DELETE, "bool": True, "false": False, "float": 3.0, "negative": -1, "string": "3", "null": None}
 NOT_TOKEN = {
-    "missing": DELETE, "empty": "", "too long": TOKEN + "a", "too short": TOKEN[:-1], "with dot": TOKEN[:10] + "." + TOKEN[11:],
-    "with space": TOKEN[:23] + " ", "with tilde": TOKEN[:23] + "~", "non-ascii": "é" * 24, "arabic digits": "٣" * 24,
+    "missing": DELETE, "empty": "", "too long": TOKEN + "a", "too short": TOKEN[:-1],
+    "with dot": TOKEN[:10] + "." + TOKEN[11:], "with space": TOKEN[:23] + " ", "with tilde": TOKEN[:23] + "~",
+    "non-ascii": "é" * 24, "arabic digits": "٣" * 24,
     "trailing newline": TOKEN[:23] + "\n", "path": "../../../etc/passwd/xxxxx", "number": 12345, "null": None,
     "list": [TOKEN],
 }  # fmt: skip
 NOT_NAME = {
-    "missing": DELETE, "empty": "", "too long": "n" * 33, "with dot": "node1.evil", "with colon": "a:b", "with dash": "a-b",
-    "with brace": "a}", "non-ascii": "nöde", "trailing newline": "node1\n", "number": 1, "null": None, "list": ["node1"],
+    "missing": DELETE, "empty": "", "too long": "n" * 33, "with dot": "node1.evil", "with colon": "a:b",
+    "with dash": "a-b", "with brace": "a}", "non-ascii": "nöde", "trailing newline": "node1\n", "number": 1,
+    "null": None, "list": ["node1"],
 }  # fmt: skip
 NOT_VV = {
     "missing": DELETE, "null": None, "list": ["node1", 7], "string": "node1=7", "bad name": {"node.1": 1},
@@ -225,7 +229,7 @@ NOT_OBJECT_BLOB = {
 }  # fmt: skip
 NOT_BUCKETS = {
     **NOT_LIST, "bucket 64": [64], "bucket -1": [-1], "bucket bool": [True], "bucket float": [1.0],
-    "bucket string": ["1"], "bucket null": [None], "too many": list(range(64)) + [0],
+    "bucket string": ["1"], "bucket null": [None], "too many": [*range(64), 0],
 }  # fmt: skip
 
 
@@ -275,8 +279,12 @@ MALFORMED: dict[str, Doc] = {
     },
     "leave with another type's name": bad(LEAVE, ("t",), "replicate"),  # a Replicate without 's'
     # -- heartbeat
-    **family("heartbeat addr", HB, ("b", "addr"), {"missing": DELETE, "null": None, "number": 1, "too long": "a" * 257}),
-    **family("heartbeat zone", HB, ("b", "zone"), {"missing": DELETE, "null": None, "number": 1, "too long": "z" * 65}),
+    **family("heartbeat addr", HB, ("b", "addr"), {
+        "missing": DELETE, "null": None, "number": 1, "too long": "a" * 257,
+    }),
+    **family("heartbeat zone", HB, ("b", "zone"), {
+        "missing": DELETE, "null": None, "number": 1, "too long": "z" * 65,
+    }),
     **family("heartbeat owned", HB, ("b", "owned"), NOT_COUNT),
     **family("heartbeat backups", HB, ("b", "backups"), NOT_COUNT),
     **family("heartbeat wall", HB, ("b", "wall"), NOT_TIME),
@@ -354,6 +362,10 @@ MALFORMED: dict[str, Doc] = {
     **family("drop epoch", DROP, ("b", "i", 0, 1), present(NOT_COUNT)),
     # -- resync
     **family("resync since", RESYNC, ("b", "since"), NOT_TIME),
+    # -- retired
+    **family("retired inc", RETIRED, ("b", "inc"), {
+        "missing": DELETE, "null": None, "empty": "", "too long": "f" * 65, "number": 1, "list": ["f"],
+    }),
     # -- digest, need, prune
     **family("digest h", DIGEST, ("b", "h"), NOT_LIST),
     "digest too few": bad(DIGEST, ("b", "h"), DIGEST[0]["b"]["h"][:-1]),
@@ -416,6 +428,7 @@ def test_the_limits_themselves_are_accepted() -> None:
         bad(HB, ("b", "addr"), "a" * 256),
         bad(HB, ("b", "zone"), "z" * 64),
         bad(HB, ("inc",), "f" * 64),
+        bad(RETIRED, ("b", "inc"), "f" * 64),
         bad(HB, ("src",), "n" * 32),
         bad(FETCH, ("b", "req"), "r" * 64),
         bad(REPLY, ("b", "req"), "r" * 64),
@@ -492,6 +505,7 @@ BODY_STRATEGIES: dict[m.MsgType, st.SearchStrategy[m.Body]] = {
     m.MsgType.OWNED: st.builds(m.Owned, tuples(TOKENS, COUNTS, VVS)),
     m.MsgType.DROP: st.builds(m.Drop, tuples(TOKENS, COUNTS)),
     m.MsgType.RESYNC: st.builds(m.Resync, MILLIS),
+    m.MsgType.RETIRED: st.builds(m.Retired, text(min_size=1, max_size=64)),
     m.MsgType.DIGEST: st.builds(
         m.Digest, st.lists(st.integers(0, 2**64 - 1), min_size=m.DIGEST_BUCKETS, max_size=m.DIGEST_BUCKETS).map(tuple)
     ),

@@ -159,16 +159,16 @@ def test_choose_equal_vectors_are_no_conflict() -> None:
 @pytest.mark.parametrize(
     ("a", "b"),
     [
-        # more writes
-        (cand(("a", 1, "b", 3)), cand(("a", 2, "b", 1), epoch=9, owner="z", payload=b"z")),
-        # same number of writes: the higher epoch
-        (cand(("a", 2), epoch=2), cand(("b", 2), epoch=1, owner="z", payload=b"z")),
+        # the higher epoch (the owner the cluster chose last), even with fewer writes
+        (cand(("a", 1), epoch=2), cand(("b", 3), epoch=1, owner="z", payload=b"z")),
+        # same epoch: more writes
+        (cand(("a", 1, "b", 3), epoch=1), cand(("a", 2, "b", 1), epoch=1, owner="z", payload=b"z")),
         # then the owner name
         (cand(("a", 2), epoch=1, owner="b"), cand(("b", 2), epoch=1, owner="a", payload=b"z")),
         # then the data
         (cand(("a", 2), epoch=1, payload=b'{"x":2}'), cand(("b", 2), epoch=1, payload=b'{"x":1}')),
     ],
-    ids=["writes", "epoch", "owner", "data"],
+    ids=["epoch", "writes", "owner", "data"],
 )
 def test_choose_a_conflict_by_the_documented_order(a: Candidate, b: Candidate) -> None:
     for order in ([a, b], [b, a]):

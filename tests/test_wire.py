@@ -772,6 +772,9 @@ async def test_a_message_of_a_retired_incarnation_is_refused(cluster: Cluster) -
     await delivered()
     assert drops(n1) == {"stale": 3} and seen == [] and TOKEN not in n1.store.backups
     assert node.members.current(peer.name, peer.incarnation) is not None
+    # the retired incarnation is told so, once (rate-limited), on its name's channel
+    await eventually(lambda: peer.got(m.Retired), what="RETIRED sent")
+    assert [r.incarnation for r in peer.got(m.Retired)] == [old]
     # the new incarnation numbers from 1 again on each channel
     await peer.send(node.ch_me, m.Replicate((state(),)), seq=1)
     assert TOKEN in n1.store.backups
@@ -890,17 +893,22 @@ N_STATES = st.builds(
 )  # fmt: skip
 T = st.sampled_from(NODE_TOKENS)
 E = st.integers(0, 4)
+N_REFUSALS = st.builds(m.Refusal, T, st.sampled_from(list(m.Refused)), E, N_VVS)
 NODE_BODIES = st.one_of(
     st.builds(m.Heartbeat, st.just("p:1"), E, E, st.just(0.0), st.booleans()),
     st.builds(m.Replicate, st.lists(N_STATES, max_size=3).map(tuple), st.booleans()),
-    st.builds(m.Ack, st.integers(1, 5), st.lists(st.builds(m.Refusal, T, st.sampled_from(list(m.Refused)), E, N_VVS), max_size=2).map(tuple)),
+    st.builds(m.Ack, st.integers(1, 5), st.lists(N_REFUSALS, max_size=2).map(tuple)),
     st.builds(m.Accessed, st.lists(st.tuples(T, E, st.sampled_from([0.0, 1.0, 1e6])), max_size=2).map(tuple)),
-    st.builds(m.Invalidate, st.lists(st.tuples(T, st.sampled_from([0.0, 60.0])), max_size=2).map(tuple), st.sampled_from(["invalidated", "expired"])),
+    st.builds(
+        m.Invalidate, st.lists(st.tuples(T, st.sampled_from([0.0, 60.0])), max_size=2).map(tuple),
+        st.sampled_from(["invalidated", "expired"]),
+    ),
     st.builds(m.Fetch, st.just("r1"), T),
     st.builds(m.FetchReply, st.just("r1"), T, st.none(), st.booleans(), st.booleans()),
     st.builds(m.Owned, st.lists(st.tuples(T, E, N_VVS), max_size=2).map(tuple)),
     st.builds(m.Drop, st.lists(st.tuples(T, E), max_size=2).map(tuple)),
     st.builds(m.Resync, st.sampled_from([0.0, 1.0])),
+    st.builds(m.Retired, st.sampled_from(["00ff00ff00ff00ff", "n1"])),  # not the node's own incarnation
     st.builds(m.Digest, st.lists(st.integers(0, 3), min_size=64, max_size=64).map(tuple)),
     st.builds(m.Need, st.lists(st.integers(0, 63), max_size=3).map(tuple)),
     st.builds(m.Prune, st.lists(st.integers(0, 63), max_size=3).map(tuple), st.lists(T, max_size=2).map(tuple)),
