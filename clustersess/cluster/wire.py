@@ -95,7 +95,7 @@ class Codec:
             raise BadMac("message authentication failed")
         try:
             header = orjson.loads(body[_HLEN.size : _HLEN.size + hlen])
-            sizes = header.pop("blobs") if isinstance(header, dict) else None
+            sizes = header.pop("blobs", None) if isinstance(header, dict) else None
             if not isinstance(sizes, list) or any(type(n) is not int or n < 0 for n in sizes):
                 raise Malformed("bad blob table")
             offset = _PREFIX + hlen
