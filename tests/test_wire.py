@@ -842,12 +842,6 @@ async def test_our_own_name_from_another_incarnation_is_never_applied(cluster: C
     assert seen == [] and TOKEN not in n1.store.backups and n1.stats.handler_errors == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inbox treats any authentic frame naming us with another incarnation as a live twin, so a recorded "
-    "heartbeat of this node's previous life, replayed while it starts, makes wait_ready() raise "
-    "DuplicateNodeError (telling a stalled namesake from a replay is the lead's design call)",
-)
 async def test_a_replayed_frame_of_our_previous_life_does_not_stop_a_restart(cluster: Cluster) -> None:
     recorded = CODEC.encode(m.Envelope(CLUSTER, ALL, "n1", "00000000deadbeef", 5, m.Heartbeat("x", 0, 0, 0.0)))
 
