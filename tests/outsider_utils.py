@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import email.utils
 import json
 import re
 import shutil
@@ -35,6 +36,7 @@ __all__ = [
     "Outsider",
     "Sniffer",
     "broadcast",
+    "clock_offset",
     "counter",
     "describe",
     "direct",
@@ -325,6 +327,13 @@ def send(user: Client, method: str, node: NodeProcess, path: str, **kw: Any) -> 
             val = rest.split(";")[0]
             user.cookie = None if val == "null" else val
     return resp
+
+
+def clock_offset(node: NodeProcess) -> float:
+    """How far ``node``'s wall clock is from ours, in seconds (from its HTTP Date header,
+    so to about a second): the check that faketime took."""
+    resp = httpx.get(node.url + "/health", timeout=5.0)
+    return email.utils.parsedate_to_datetime(resp.headers["date"]).timestamp() - time.time()
 
 
 def write_all(

@@ -25,6 +25,7 @@ from tests.cluster_utils import Client, cluster, status, wait_members
 from tests.outsider_utils import (
     Outsider,
     broadcast,
+    clock_offset,
     counter,
     direct,
     faketime_cmd,
@@ -355,6 +356,7 @@ def test_6_a_backup_with_its_clock_ahead_keeps_idle_sessions() -> None:
         node2 = start_node("node2", server, env=env, clock="+15s")
         made.append(node2)
         wait_members(made, 2)
+        assert 12 < clock_offset(node2) < 18, "faketime did not move node2's clock"
         users = [Client() for _ in range(5)]
         assert write_all(node1, users, [{"i": i} for i in range(5)]) == [200] * 5
         wait_until(lambda: status(node2)["sessions_backed_up"] == 5, timeout=10, what="backups on node2")
@@ -389,6 +391,7 @@ def test_6_a_node_restarted_with_its_clock_behind_rejoins_at_once() -> None:
         wait_until(lambda: "node2" not in members(node1), timeout=10, what="node2 dropped")
         node2.cmd = [*faketime_cmd("-20s"), *node2.cmd]
         node2.start()
+        assert -23 < clock_offset(node2) < -17, "faketime did not move node2's clock"
         wait_until(lambda: "node2" in members(node1), timeout=10, what="node2 back as a member")
         assert members(node1)["node2"]["incarnation"] != old
         user = Client()
