@@ -234,7 +234,9 @@ class Prober:
 
     def writes(self, node: str, t0: float, t1: float) -> int:
         """Successful probe writes on ``node`` sent in [t0, t1] (each is one replication)."""
-        return sum(1 for s in self.samples if s.node == node and s.kind == "write" and s.ms is not None and t0 <= s.at <= t1)
+        return sum(
+            1 for s in self.samples if s.node == node and s.kind == "write" and s.ms is not None and t0 <= s.at <= t1
+        )
 
     def window(self, t0: float, t1: float) -> dict[str, list[Sample]]:
         out: dict[str, list[Sample]] = {}
@@ -378,25 +380,36 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
     try:
         node1, node2 = cluster.start("node1"), cluster.start("node2")
         assert await wait_for(cluster.settled, 30), "the two nodes did not see each other"
-        say(f"# bigcluster: {args.sessions:,} sessions of ~{args.payload} B; redis {server.port}; "
-            f"load average at start {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}, {os.cpu_count()} CPUs")
+        say(
+            f"# bigcluster: {args.sessions:,} sessions of ~{args.payload} B; redis {server.port}; "
+            f"load average at start {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}, {os.cpu_count()} CPUs"
+        )
 
         # 1. load, with RSS before and after
         rss0 = {n: (await cluster.debug(n, "/debug/memory?collect=1"))["rss"] for n in ("node1", "node2")}
         secs, sample, errors = await load(
-            node1.host, node1.port, args.sessions, args.payload, concurrency=args.concurrency,
+            node1.host,
+            node1.port,
+            args.sessions,
+            args.payload,
+            concurrency=args.concurrency,
             sample_every=max(1, args.sessions // 1000),
         )
         say(f"loaded {args.sessions:,} sessions in {secs:.1f} s ({args.sessions / secs:,.0f}/s), {errors} errors")
         took = await wait_for(cluster.settled, 300)
         st2 = await cluster.status("node2")
-        say(f"replication settled {took if took is None else round(took, 1)} s later; "
-            f"node2 backs up {st2['sessions_backed_up']:,}")
+        say(
+            f"replication settled {took if took is None else round(took, 1)} s later; "
+            f"node2 backs up {st2['sessions_backed_up']:,}"
+        )
         mem = {n: await cluster.debug(n, "/debug/memory?collect=1") for n in ("node1", "node2")}
         payload = mem["node1"]["payload_owned"] / max(1, mem["node1"]["owned"])
         target = 1.5 * payload + 400
         rows = []
-        for name, role, count in (("node1", "owner", mem["node1"]["owned"]), ("node2", "backup", mem["node2"]["backups"])):
+        for name, role, count in (
+            ("node1", "owner", mem["node1"]["owned"]),
+            ("node2", "backup", mem["node2"]["backups"]),
+        ):
             per = (mem[name]["rss"] - rss0[name]) / max(1, count)
             rows.append((name, role, count, per))
 
@@ -407,7 +420,9 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
         await load(node1.host, node1.port, args.traced, args.payload, concurrency=args.concurrency, start=args.sessions)
         await wait_for(cluster.settled, 120)
         for n in ("node1", "node2"):
-            traced[n] = ((await cluster.debug(n, "/debug/tracemalloc?on=0", "POST"))["traced"] - traced[n]) / args.traced
+            traced[n] = (
+                (await cluster.debug(n, "/debug/tracemalloc?on=0", "POST"))["traced"] - traced[n]
+            ) / args.traced
         say("")
         say(f"memory per session (payload {payload:.0f} B of JSON; target 1.5 x payload + 400 = {target:.0f} B):")
         say("")
@@ -419,8 +434,14 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
 
         # 2. sessions to sweep later (owned by node2), probe sessions
         t_from = time.time()
-        await load(node2.host, node2.port, args.sweep_sessions, args.payload, concurrency=args.concurrency,
-                   start=args.sessions + args.traced)
+        await load(
+            node2.host,
+            node2.port,
+            args.sweep_sessions,
+            args.payload,
+            concurrency=args.concurrency,
+            start=args.sessions + args.traced,
+        )
         t_to = time.time()
         probes: dict[str, list[str]] = {}
 
@@ -442,7 +463,9 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
         prober.start()
 
         async def phase(
-            name: str, trigger: Callable[[], Awaitable[dict[str, Any]]], done: Callable[[], Awaitable[bool]],
+            name: str,
+            trigger: Callable[[], Awaitable[dict[str, Any]]],
+            done: Callable[[], Awaitable[bool]],
             timeout: float,
         ) -> Phase:
             t0 = time.monotonic()
@@ -545,7 +568,9 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
         ph.info["own them all after s"] = None if ph.settled is None else round(ph.settled, 1)
         say(f"  adoption: {ph.info}")
         rereplicated = await wait_for(cluster.steady, args.timeout)
-        say(f"  survivors settled (new backups acknowledged) {rereplicated if rereplicated is None else round(rereplicated, 1)} s after that")
+        say(
+            f"  survivors settled (new backups acknowledged) {rereplicated if rereplicated is None else round(rereplicated, 1)} s after that"
+        )
         await prober.stop()
 
         # check a sample of node1's sessions through node2
@@ -559,22 +584,32 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
         say(f"sample of node1's sessions read through node2 after its death: {intact} of {len(sample)} intact")
 
         say("")
-        say(f"request latency (ms) from a steady {args.rate:.0f} req/s, half reads, half writes; target p99 {P99_TARGET_MS:.0f} ms:")
+        say(
+            f"request latency (ms) from a steady {args.rate:.0f} req/s, half reads, half writes; target p99 {P99_TARGET_MS:.0f} ms:"
+        )
         say("")
         say("| phase | node | requests | p50 | p99 | max | failed | p99 vs target |")
         say("|---|---|---:|---:|---:|---:|---:|---:|")
         for ph in phases:
             for line in report_line(ph, prober):
                 say(line)
-        ours = sum(spent) + sum(proc_jiffies(p) for p in [os.getpid(), *(n.pid for n in cluster.nodes.values() if n.pid),
-                                              *([server.proc.pid] if server.proc else [])])
+        ours = sum(spent) + sum(
+            proc_jiffies(p)
+            for p in [
+                os.getpid(),
+                *(n.pid for n in cluster.nodes.values() if n.pid),
+                *([server.proc.pid] if server.proc else []),
+            ]
+        )
         busy = cpu_jiffies() - jiffies0
         wall = time.monotonic() - wall0
         hz = os.sysconf("SC_CLK_TCK")
         say("")
-        say(f"machine: {os.cpu_count()} CPUs, {wall:.0f} s; all processes used {busy / hz / wall:.2f} CPUs on average, "
+        say(
+            f"machine: {os.cpu_count()} CPUs, {wall:.0f} s; all processes used {busy / hz / wall:.2f} CPUs on average, "
             f"this run's about {ours / hz / wall:.2f} (so others {max(0.0, (busy - ours) / hz / wall):.2f}); "
-            f"load average at the end {os.getloadavg()[0]:.2f}")
+            f"load average at the end {os.getloadavg()[0]:.2f}"
+        )
         await admin.aclose()
         return 0
     finally:
@@ -589,8 +624,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", type=int, default=200_000, help="sessions loaded onto node1 (default 200,000)")
     p.add_argument("--payload", type=int, default=1024, help="bytes of JSON per session (default 1024)")
-    p.add_argument("--traced", type=int, default=None, help="sessions loaded under tracemalloc (default sessions/10, at most 20,000)")
-    p.add_argument("--sweep-sessions", type=int, default=None, help="sessions on node2 that expire at once (default sessions/4)")
+    p.add_argument(
+        "--traced",
+        type=int,
+        default=None,
+        help="sessions loaded under tracemalloc (default sessions/10, at most 20,000)",
+    )
+    p.add_argument(
+        "--sweep-sessions", type=int, default=None, help="sessions on node2 that expire at once (default sessions/4)"
+    )
     p.add_argument("--probes", type=int, default=300, help="probe sessions per node")
     p.add_argument("--rate", type=float, default=200.0, help="probe requests per second, in total")
     p.add_argument("--concurrency", type=int, default=64, help="connections of the loader")

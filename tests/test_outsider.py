@@ -273,8 +273,10 @@ def test_4_three_huge_publishes_cost_at_most_one_bounded_resend() -> None:
             was = {n.name: stats(n)["redis_reconnects"] for n in nodes}
             assert out.publish(broadcast(), junk) >= 2
             wait_until(
-                lambda was=was: all(stats(n)["redis_reconnects"] > was[n.name] for n in nodes)
-                and all(status(n)["connected"] for n in nodes),
+                lambda was=was: (
+                    all(stats(n)["redis_reconnects"] > was[n.name] for n in nodes)
+                    and all(status(n)["connected"] for n in nodes)
+                ),
                 timeout=20,
                 what="every node disconnected by Redis and back",
             )
@@ -302,9 +304,10 @@ def test_5_tombstones_expire_despite_reconnects_and_idle_expiry_buries_nothing_c
     the end of its lifetime; and sessions that simply expire leave no tombstone on the
     nodes that never held a copy."""
     max_inactive = 2.0
-    with cluster(3, env={"CLUSTERSESS_MAX_INACTIVE": str(max_inactive)}) as (server, nodes), Outsider(
-        server.url
-    ) as out:
+    with (
+        cluster(3, env={"CLUSTERSESS_MAX_INACTIVE": str(max_inactive)}) as (server, nodes),
+        Outsider(server.url) as out,
+    ):
         node1 = nodes[0]
         gone = Client()
         gone.post(node1, {"user": "alice"})
@@ -451,7 +454,9 @@ def test_7_clusters_sharing_a_secret_and_a_redis_never_apply_each_others_message
             out.publish(direct("node2", "beta"), copy.data)
             out.publish(broadcast("beta"), copy.data)
             problems = problems_while(
-                lambda: next((f"{n.name} lists {_incarnations(n)}" for n in beta if _incarnations(n) != seen[n.name]), None),
+                lambda: next(
+                    (f"{n.name} lists {_incarnations(n)}" for n in beta if _incarnations(n) != seen[n.name]), None
+                ),
                 3 * DROP,
             )
             applied = {n.name: stats(n)["replications_applied"] - before[n.name]["replications_applied"] for n in beta}
