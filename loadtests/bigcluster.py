@@ -63,6 +63,8 @@ from tests.utils import NodeProcess, RedisServer
 
 APP = "loadtests.bigapp:app"
 P99_TARGET_MS = 20.0
+#: reconnect instead of reusing a connection idle this long (uvicorn closes at 5 s)
+IDLE_CLOSE = 2.0
 
 
 # -- a small HTTP/1.1 keep-alive client -------------------------------------------------
@@ -74,6 +76,8 @@ class Conn:
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
+        #: time.monotonic() of the last answer
+        self.used = time.monotonic()
         self._r: asyncio.StreamReader | None = None
         self._w: asyncio.StreamWriter | None = None
 
@@ -106,6 +110,7 @@ class Conn:
         except BaseException:
             self.close()
             raise
+        self.used = time.monotonic()
         return status, set_cookie, data
 
     def close(self) -> None:
@@ -183,6 +188,8 @@ class Prober:
     async def _one(self, node: NodeProcess, cookie: str, kind: str) -> None:
         pool = self._idle.setdefault(node.name, [])
         conn = pool.pop() if pool else Conn(node.host, node.port)
+        if time.monotonic() - conn.used > IDLE_CLOSE:
+            conn.close()  # the server may have closed it (uvicorn: after 5 s idle) as we send
         at = time.monotonic()
         t0 = time.perf_counter()
         error = ""
