@@ -471,3 +471,27 @@ def test_7_clusters_sharing_a_secret_and_a_redis_never_apply_each_others_message
             assert resident.get(beta[1])["data"] == {"cluster": "beta"}
     finally:
         server.cleanup()
+
+
+# -- beyond the numbered cases ---------------------------------------------------------
+
+
+def test_a_silent_subscriber_on_the_broadcast_channel_does_not_slow_takeovers() -> None:
+    """Found while writing case 3: a takeover waits for as many answers as PUBLISH
+    counted receivers of its FETCH, so an outsider merely SUBSCRIBEd to the broadcast
+    channel makes every takeover wait out its whole round (2 x ack_timeout, 6 s here)
+    instead of a few milliseconds. The bound below is half of that round."""
+    ack = 3.0
+    with cluster(2, env={"CLUSTERSESS_ACK_TIMEOUT": str(ack)}) as (server, nodes), Outsider(server.url) as out:
+        node1, node2 = nodes
+        users = [Client() for _ in range(4)]
+        assert write_all(node1, users, [{"i": i} for i in range(4)]) == [200] * 4
+        out.sniff([broadcast()])  # listens, never answers
+        slow = []
+        for i, user in enumerate(users):
+            started = time.monotonic()
+            assert user.get(node2)["data"] == {"i": i}  # a takeover by node2
+            took = time.monotonic() - started
+            if took > ack:
+                slow.append(round(took, 1))
+        assert not slow, f"takeovers waited for the silent subscriber: {slow} s"
