@@ -14,8 +14,8 @@ import contextlib
 import dataclasses
 import email.utils
 import json
+import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,7 +40,7 @@ __all__ = [
     "counter",
     "describe",
     "direct",
-    "faketime_cmd",
+    "faketime_env",
     "members",
     "pending",
     "problems_while",
@@ -282,18 +282,27 @@ def problems_while(check: Callable[[], str | None], seconds: float, interval: fl
 # -- starting nodes ---------------------------------------------------------------------
 
 
-def faketime_cmd(offset: str) -> list[str]:
-    """A command prefix that runs a process with its wall clock ``offset`` away (``+15s``).
+def faketime_env(offset: str) -> dict[str, str]:
+    """Environment that runs a process with its wall clock ``offset`` away (``"+15s"``).
 
-    Debian's ``faketime`` (libfaketime 0.9.10): ``-m`` is the thread-safe library (a node
-    has threads), ``--exclude-monotonic`` leaves CLOCK_MONOTONIC alone. Without it,
-    libfaketime also fakes the monotonic clock (in 0.9.10 it then reads as the faked
-    wall clock), which no real host does: clock skew between hosts is a wall-clock
+    Debian's libfaketime 0.9.10, preloaded directly rather than through the ``faketime``
+    wrapper: the wrapper forks, so SIGKILL would hit the wrapper and leave the node
+    running. This is what ``faketime -m --exclude-monotonic -f +15s`` sets up: the
+    thread-safe library (a node has threads) and CLOCK_MONOTONIC left alone. Without
+    that, libfaketime fakes the monotonic clock too (in 0.9.10 it then reads as the
+    faked wall clock), which no real host does: clock skew between hosts is a wall-clock
     matter, and each host's monotonic clock is its own anyway.
     """
-    exe = shutil.which("faketime")
-    assert exe, "faketime is not installed (apt-get install faketime)"
-    return [exe, "-m", "--exclude-monotonic", "-f", offset]
+    lib = next((p for p in _FAKETIME_LIBS if os.path.exists(p)), None)
+    assert lib, f"libfaketime is not installed (apt-get install faketime): none of {_FAKETIME_LIBS}"
+    return {"LD_PRELOAD": lib, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+_FAKETIME_LIBS = (
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/faketime/libfaketimeMT.so.1",
+)
 
 
 def start_node(
@@ -309,9 +318,8 @@ def start_node(
 
     The caller kills it (``node.kill()``), or puts it in a list the test kills.
     """
-    node = NodeProcess(name, port=port, redis_url=server.url, env={**FAST, **(env or {})})
-    if clock is not None:
-        node.cmd = faketime_cmd(clock) + node.cmd
+    skew = faketime_env(clock) if clock is not None else {}
+    node = NodeProcess(name, port=port, redis_url=server.url, env={**FAST, **(env or {}), **skew})
     node.start(wait=wait)
     return node
 

@@ -35,7 +35,7 @@ from tests.outsider_utils import (
     clock_offset,
     counter,
     direct,
-    faketime_cmd,
+    faketime_env,
     members,
     pending,
     problems_while,
@@ -418,7 +418,7 @@ def test_6_a_node_restarted_with_its_clock_behind_rejoins_at_once() -> None:
         old = members(node1)["node2"]["incarnation"]
         node2.kill(signal.SIGKILL)
         wait_until(lambda: "node2" not in members(node1), timeout=10, what="node2 dropped")
-        node2.cmd = [*faketime_cmd("-20s"), *node2.cmd]
+        node2.env.update(faketime_env("-20s"))
         node2.start()
         assert -23 < clock_offset(node2) < -17, "faketime did not move node2's clock"
         wait_until(lambda: "node2" in members(node1), timeout=10, what="node2 back as a member")
