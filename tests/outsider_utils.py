@@ -71,18 +71,21 @@ _SEQ_RE = re.compile(rb'"seq"\s*:\s*(\d+)')
 def describe(data: bytes) -> tuple[str | None, str | None, int | None]:
     """(type, sender, sequence number) of a captured message, as far as it can be read.
 
-    Today a message is ``<hex MAC><JSON envelope>`` with fields ``t``, ``src`` and ``seq``;
-    if that changes, the fields are still looked for anywhere in the bytes.
+    Wire v2 is ``CS2 | 32-byte HMAC | 4-byte header length | header JSON | blobs``, the
+    header holding ``t``, ``src`` and ``seq``; v1 was ``<hex MAC><JSON envelope>``. Anything
+    else: the fields are looked for in the first bytes.
     """
-    start = data.find(b"{")
-    if start >= 0:
-        try:
-            obj = json.loads(data[start:])
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict) and isinstance(obj.get("t"), str):
-            seq = obj.get("seq")
-            return obj["t"], obj.get("src"), seq if isinstance(seq, int) else None
+    header: Any = None
+    if data[:3] == b"CS2" and len(data) >= 39:
+        hlen = int.from_bytes(data[35:39], "big")
+        with contextlib.suppress(ValueError):
+            header = json.loads(data[39 : 39 + hlen])
+    elif (start := data.find(b"{")) >= 0:
+        with contextlib.suppress(ValueError):
+            header = json.loads(data[start:])
+    if isinstance(header, dict) and isinstance(header.get("t"), str):
+        seq = header.get("seq")
+        return header["t"], header.get("src"), seq if isinstance(seq, int) else None
     head = data[:4096]  # the envelope's fields come before the (large) body
     t, src, seq = _TYPE_RE.search(head), _SRC_RE.search(head), _SEQ_RE.search(head)
     return (
