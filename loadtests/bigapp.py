@@ -8,10 +8,12 @@ node's memory figures and can expire sessions on demand).
   and backs up, and the bytes of their stored JSON payloads.
 * ``POST /debug/tracemalloc?on=1`` starts tracemalloc, ``?on=0`` stops it (and frees
   its traces); answers the traced bytes at that moment.
-* ``POST /debug/expire?created_from=T0&created_to=T1`` makes every owned session created
-  in [T0, T1] (this host's wall clock) idle for longer than ``max_inactive``, then runs
-  the manager's own sweep, ``SessionManager.sweep()``, on the next turn of the event
-  loop: the pass the sweeper task runs every ``sweep_every``, only at a chosen moment.
+* ``POST /debug/expire?created_from=T0&created_to=T1`` makes every session this node
+  owns or backs up that was created in [T0, T1] (this host's wall clock) idle for longer
+  than ``max_inactive``, as if nobody had used them since, then runs the manager's own
+  sweep, ``SessionManager.sweep()``, on the next turn of the event loop: the pass the
+  sweeper task runs every ``sweep_every``, only at a chosen moment. Called on every
+  node, it is what idle expiry looks like: the owner and the backup both find them idle.
 """
 
 from __future__ import annotations
@@ -79,13 +81,15 @@ async def expire(request: Request) -> Response:
     lo = float(request.query_params["created_from"])
     hi = float(request.query_params["created_to"])
     idle_since = manager.clock.time() - manager.config.max_inactive - 1.0
-    count = 0
-    for entry in manager.store.owned.values():
-        if lo <= entry.created <= hi:
-            entry.last_accessed = idle_since
-            count += 1
+    counts = {}
+    for kind, table in (("owned", manager.store.owned), ("backups", manager.store.backups)):
+        counts[kind] = 0
+        for entry in table.values():
+            if lo <= entry.created <= hi:
+                entry.last_accessed = idle_since
+                counts[kind] += 1
     asyncio.get_running_loop().call_soon(manager.sweep)
-    return JSONResponse({"expiring": count})
+    return JSONResponse(counts)
 
 
 routes = [

@@ -24,9 +24,10 @@ endpoints, see ``bigapp.py``) with the default timing (heartbeat 0.5 s, drop tim
      resyncs);
    * **rebalance**: node3 starts and joins; about half of node1's sessions get node3 as
      their backup;
-   * **sweep**: node2's sweep sessions all expire in one pass of the real sweeper
-     (``SessionManager.sweep()``; the debug endpoint only moves their last access back
-     and schedules that pass now, instead of waiting up to a minute for the sweeper);
+   * **sweep**: node2's sweep sessions all expire at once, in one pass of the real
+     sweeper (``SessionManager.sweep()``) on the owner and on the backups; the debug
+     endpoint only moves their last access back (owner's and backups' copies) and
+     schedules that pass now, instead of waiting up to a minute for the sweeper;
    * **adoption**: node1 is SIGKILLed; node2 and node3 each adopt the half of its
      sessions they back up (100,000 each at full size) and give them new backups. Reported:
      time until node1 was dropped and until the survivors owned all its sessions.
@@ -65,6 +66,9 @@ APP = "loadtests.bigapp:app"
 P99_TARGET_MS = 20.0
 #: reconnect instead of reusing a connection idle this long (uvicorn closes at 5 s)
 IDLE_CLOSE = 2.0
+#: seconds of margin around the sweep sessions' creation times (copies carry ages, not
+#: the owner's timestamps, so a backup's created time can differ by a little)
+SLACK = 0.5
 
 
 # -- a small HTTP/1.1 keep-alive client -------------------------------------------------
@@ -439,7 +443,9 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
             say(f"| {name} | {role} | {count:,} | {per:,.0f} B | {traced[name]:,.0f} B | {per / target:.2f}x |")
         say("")
 
-        # 2. sessions to sweep later (owned by node2), probe sessions
+        # 2. sessions to sweep later (owned by node2), probe sessions; apart in time by a
+        # margin, so that the expiry's window by creation time catches nothing else
+        await asyncio.sleep(SLACK * 2)
         t_from = time.time()
         await load(
             node2.host,
@@ -450,6 +456,7 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
             start=args.sessions + args.traced,
         )
         t_to = time.time()
+        await asyncio.sleep(SLACK * 2)
         probes: dict[str, list[str]] = {}
 
         async def make_probes(name: str) -> None:
@@ -530,11 +537,11 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
 
         # sweep: node2's sweep sessions expire in one pass
         owned2 = (await cluster.status("node2"))["sessions_owned"]
+        backups = sum([(await cluster.status(n))["sessions_backed_up"] for n in cluster.live()])
 
         async def sweep() -> dict[str, Any]:
-            return await cluster.debug("node2", f"/debug/expire?created_from={t_from}&created_to={t_to}", "POST")
-
-        backups = sum([(await cluster.status(n))["sessions_backed_up"] for n in cluster.live()])
+            window = f"created_from={t_from - SLACK}&created_to={t_to + SLACK}"
+            return {n: await cluster.debug(n, f"/debug/expire?{window}", "POST") for n in cluster.live()}
 
         async def swept() -> bool:
             st = {n: await cluster.status(n) for n in cluster.live()}
