@@ -35,8 +35,8 @@ from flask.globals import request as current_request
 from flask.sessions import NullSession, SessionInterface, SessionMixin
 
 from .config import Config
-from .cookies import DELETE, KEEP, find_cookie
-from .errors import ConfigError
+from .cookies import DELETE, KEEP, CookieAction, find_cookie
+from .errors import ConfigError, ReplicationUnavailable
 from .manager import SessionManager
 from .threaded import Opened, ThreadedNode, WSGISession
 
@@ -121,7 +121,12 @@ class ClusterSessionInterface(SessionInterface):
         if self._follow_app_keys and not self._use_app_keys(app):
             return None  # no secret key: Flask's null session, and its error message
         cookie = find_cookie(request.headers.get("Cookie", ""), self.get_cookie_name(app))
-        opened = self.node.open(cookie)
+        try:
+            opened = self.node.open(cookie)
+        except ReplicationUnavailable:
+            # refuse mode, and the session is on a member that did not answer: a null
+            # session for this request, which the before_request hook answers with 503
+            return _UnavailableSession()
         request.environ.setdefault(_OPENED_KEY, []).append(opened)
         session = opened.session
         assert isinstance(session, FlaskSession), "ClusterSession uses session_class=FlaskSession"
@@ -131,7 +136,13 @@ class ClusterSessionInterface(SessionInterface):
         opened = self._held(current_request.environ, session)
         if opened is None:
             return  # saved already (Flask saves once; a test's session_transaction twice)
-        action = self.node.commit(opened)
+        try:
+            action = self.node.commit(opened)
+        except ReplicationUnavailable as exc:  # on_replication_failure="refuse"
+            _refuse(response, exc)
+            action = exc.action if isinstance(exc.action, CookieAction) else KEEP
+            if action is KEEP:
+                return  # (a rotation that did happen still sends the new cookie below)
         assert isinstance(session, FlaskSession)
         if session.accessed or action is not KEEP:
             response.vary.add("Cookie")
@@ -269,6 +280,9 @@ class ClusterSession:
         interface = ClusterSessionInterface(self.node, cookie_name=cookie_name, follow_app_keys=follow_app_keys)
         app.session_interface = interface
         app.teardown_request(interface.release)
+        # refuse mode: rotate()/invalidate()/clear() on a fenced node raise this
+        app.register_error_handler(ReplicationUnavailable, _unavailable)
+        app.before_request(_refuse_unavailable)
         app.extensions["clustersess"] = self
 
     @property
@@ -280,6 +294,35 @@ class ClusterSession:
         """Hand sessions over and stop the node (also done at exit and on SIGTERM)."""
         if self.node is not None:
             self.node.close()
+
+
+class _UnavailableSession(NullSession):
+    """The session of a request whose session could not be reached (refuse mode)."""
+
+
+def _refuse_unavailable() -> Any:
+    from flask import session
+
+    if isinstance(session, _UnavailableSession):
+        return _unavailable(ReplicationUnavailable("the session is on a member that did not answer"))
+    return None
+
+
+def _refuse(response: Response, exc: ReplicationUnavailable) -> None:
+    log.warning("clustersess: answered 503: %s", exc.reason)
+    response.status_code = 503
+    response.set_data(b"session change could not be replicated; retry\n")
+    response.mimetype = "text/plain"
+    response.headers["Retry-After"] = "1"
+    response.headers["Cache-Control"] = "no-store"
+
+
+def _unavailable(exc: ReplicationUnavailable) -> Any:
+    from flask import Response as FlaskResponse
+
+    response = FlaskResponse()
+    _refuse(response, exc)
+    return response
 
 
 def _given(options: dict[str, Any], field: str, variable: str) -> bool:

@@ -207,9 +207,16 @@ class SessionManager:
         self.stats.task_restarts += 1
 
     async def _sweeper(self) -> None:
+        # Sessions idle for a quarter of max_inactive (at most a minute) drop their decoded
+        # object: a node's memory is then about the stored JSON of its sessions, and a
+        # session in use keeps its object (the read fast path needs no decoding).
+        release_after = min(60.0, self.config.max_inactive / 4)
         while True:
             await asyncio.sleep(self.config.sweep_every)
-            self.sweep()
+            expired, copies = await self.store.sweep_chunked(
+                self.clock.time(), self.config.max_inactive, release_after
+            )
+            self._expired(expired, copies)
 
     def sweep(self) -> None:
         """Expire idle sessions and copies now (the sweeper calls this periodically).
@@ -217,7 +224,9 @@ class SessionManager:
         Expiry needs no cluster-wide tombstone: idle times travel as durations, so every
         copy of a session expires by itself, and none can come back.
         """
-        expired, copies = self.store.sweep(self.clock.time(), self.config.max_inactive)
+        self._expired(*self.store.sweep(self.clock.time(), self.config.max_inactive))
+
+    def _expired(self, expired: list[Entry], copies: list[Entry]) -> None:
         for entry in expired:
             self._destroyed(entry, "expired")
         if copies and self.config.notify_listeners_on_replication:
@@ -390,13 +399,18 @@ class SessionManager:
             self.stats.writes_refused += 1
             action = self._cookie_out(handle, False)
             raise ReplicationUnavailable("this node is fenced: " + cluster.health().reason, action)
+        # a logout or rotation in this request: its tombstone must be acknowledged too
+        buried = handle.session._killed or handle.session._entry.dirty
         changed = self._commit(handle)
         if cluster is not None:
             ok = True
             if changed:
                 ok = await cluster.replicate(handle.session._entry)
             if self._unsettled:
-                ok = await cluster.settle() and ok
+                # Every request waits for the logouts sent so far (sync mode), but only the
+                # one that logged out fails if they were not acknowledged.
+                settled = await cluster.settle()
+                ok = ok and (settled or not buried)
             if not ok:
                 self.stats.writes_unreplicated += 1
                 if self._refuse:
@@ -408,7 +422,7 @@ class SessionManager:
         """Whether committing ``handle`` might store something (cheap, conservative)."""
         session = handle.session
         entry = session._entry
-        if session._killed or entry.dirty or self._unsettled:
+        if session._killed or entry.dirty:
             return True
         if entry.version == 0:
             return bool(session)
@@ -476,8 +490,10 @@ class SessionManager:
         entry = handle.session._entry
         entry.inflight -= 1
         if entry.inflight == 0 and entry.version > 0:
-            # Nobody else is using the object: drop the failed request's changes.
+            # Nobody else is using the object: drop the failed request's changes. Its
+            # contents are the committed JSON again (a read after this stays a read).
             handle.session.replace_all(codec.decode(entry.payload))
+            handle.session._settle_clean()
 
     def _commit(self, handle: Handle) -> bool:
         """Release the handle and store the session's new state locally if it changed;

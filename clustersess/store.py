@@ -5,7 +5,12 @@ Pure data structure, no I/O, no clock of its own: callers pass ``now``.
 
 from __future__ import annotations
 
+import asyncio
+
 from .session import Entry
+
+#: a pass over every session yields to the event loop after this many
+CHUNK = 2000
 
 
 class LocalStore:
@@ -32,6 +37,36 @@ class LocalStore:
         held = self.tombstones.get(token)
         if held is None or (extend and held < until):
             self.tombstones[token] = until
+
+    async def sweep_chunked(
+        self, now: float, max_inactive: float, release_after: float | None = None
+    ) -> tuple[list[Entry], list[Entry]]:
+        """:meth:`sweep` in chunks, yielding to the event loop between them (a node holding
+        200,000 sessions must not stop serving while it sweeps). With ``release_after``,
+        owned sessions idle that long also drop their decoded session object (it is
+        decoded again from the stored JSON when next used)."""
+        limit = now - max_inactive
+        release = None if release_after is None else now - release_after
+        expired: list[Entry] = []
+        for i, e in enumerate(list(self.owned.values()), 1):
+            if e.inflight == 0 and self.owned.get(e.token) is e:
+                if e.last_accessed < limit:
+                    del self.owned[e.token]
+                    expired.append(e)
+                elif release is not None and e.session is not None and e.last_accessed < release:
+                    e.session = None
+            if i % CHUNK == 0:
+                await asyncio.sleep(0)
+        stale: list[Entry] = []
+        for i, e in enumerate(list(self.backups.values()), 1):
+            if e.last_accessed < limit and self.backups.get(e.token) is e:
+                del self.backups[e.token]
+                stale.append(e)
+            if i % CHUNK == 0:
+                await asyncio.sleep(0)
+        for t in [t for t, until in self.tombstones.items() if until <= now]:
+            del self.tombstones[t]
+        return expired, stale
 
     def sweep(self, now: float, max_inactive: float) -> tuple[list[Entry], list[Entry]]:
         """Remove what has expired; returns (expired owned entries, expired copies)."""

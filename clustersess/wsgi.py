@@ -9,12 +9,15 @@ same node into Flask's own session interface.
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .clock import Clock
 from .config import Config
-from .cookies import KEEP, SET, add_vary_cookie, find_cookie, make_private
+from .cookies import DELETE, KEEP, SET, add_vary_cookie, find_cookie, make_private
+from .errors import ReplicationUnavailable
 from .listeners import SessionListener
 from .manager import SessionManager
 from .threaded import Opened, ThreadedNode, WSGISession
@@ -26,6 +29,8 @@ SESSION_KEY = "clustersess.session"
 MANAGER_KEY = "clustersess.manager"
 _STATE_KEY = "clustersess.request"
 
+log = logging.getLogger("clustersess")
+
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 Headers = list[tuple[str, str]]
@@ -34,12 +39,34 @@ Headers = list[tuple[str, str]]
 class _Request:
     """One request's session state: its hold on the session, the headers to add."""
 
-    __slots__ = ("headers", "opened", "private")
+    __slots__ = ("headers", "opened", "private", "refused")
 
     def __init__(self, opened: Opened) -> None:
         self.opened = opened
         self.headers: Headers = []
         self.private = False
+        self.refused = False
+
+
+_REFUSED_BODY = b"session change could not be replicated; retry\n"
+
+
+def _refuse_start(start_response: StartResponse, exc: ReplicationUnavailable, cookie_headers: Headers) -> Any:
+    """Start a 503 (``on_replication_failure="refuse"``), keeping the Set-Cookie the
+    session's state calls for (a rotation that did happen must reach the client)."""
+    log.warning("clustersess: answered 503: %s", exc.reason)
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Retry-After", "1"),
+        ("Cache-Control", "no-store"),
+        *[(k, v) for k, v in cookie_headers if k == "Set-Cookie"],
+    ]
+    return start_response("503 Service Unavailable", headers, sys.exc_info())
+
+
+def _refuse(start_response: StartResponse, exc: ReplicationUnavailable) -> list[bytes]:
+    _refuse_start(start_response, exc, [])
+    return [_REFUSED_BODY]
 
 
 class ClusterSessionWSGIMiddleware:
@@ -105,7 +132,10 @@ class ClusterSessionWSGIMiddleware:
     # -- request path --------------------------------------------------------------------
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         cookie = find_cookie(environ.get("HTTP_COOKIE", ""), self._cookie_name)
-        opened = self.node.open(cookie)
+        try:
+            opened = self.node.open(cookie)
+        except ReplicationUnavailable as exc:  # refuse mode: its session did not answer
+            return _refuse(start_response, exc)
         state = _Request(opened)
         try:
             environ[SESSION_KEY] = opened.session
@@ -113,7 +143,16 @@ class ClusterSessionWSGIMiddleware:
             environ[_STATE_KEY] = state
 
             def session_start_response(status: str, headers: Headers, exc_info: Any = None) -> Any:
-                self.commit(environ)  # no-op after the first call
+                try:
+                    self.commit(environ)  # no-op after the first call
+                except ReplicationUnavailable as exc:
+                    # refuse mode: a 503 replaces the app's response (its body is dropped)
+                    state.refused = True
+                    if exc.action is SET:
+                        state.headers.append(("Set-Cookie", self.cookies.set(self.node.cookie_value(opened))))
+                    elif exc.action is DELETE:
+                        state.headers.append(("Set-Cookie", self.cookies.delete()))
+                    return _refuse_start(start_response, exc, state.headers)
                 if state.headers:
                     for name, value in state.headers:
                         if name == "Vary":
@@ -125,9 +164,19 @@ class ClusterSessionWSGIMiddleware:
                 return start_response(status, headers, exc_info)
 
             result: Iterable[bytes] = self.app(environ, session_start_response)
+        except ReplicationUnavailable as exc:
+            # refuse mode: rotate()/invalidate()/clear() on a fenced node, before it
+            # changed anything
+            self.node.release(opened)
+            return _refuse(start_response, exc)
         except BaseException:
             self.node.release(opened)
             raise
+        if state.refused:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+            return [_REFUSED_BODY]
         if opened.handle.closed:
             return result  # the usual case: the app called start_response already
         # start_response will be called while the body is iterated (a generator app):

@@ -78,4 +78,5 @@ class ClusterContext:
         return f"{self.config.cluster_name}:adopted:{{{node}}}:{incarnation}"
 
     def healthy(self) -> bool:
-        return self.proof.healthy(self.mono())
+        """Not fenced: what :meth:`~.node.ClusterNode.health` calls ok."""
+        return self.transport.connected and self.proof.healthy(self.mono())

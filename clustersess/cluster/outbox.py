@@ -26,6 +26,8 @@ from .wire import BATCH_BYTES, Codec
 
 #: bytes a session adds to a frame beside its data (token, owner, vector, numbers)
 _STATE_OVERHEAD = 200
+#: one pipelined publish carries at most about this much; a bigger flush goes in parts
+PUBLISH_BYTES = 4 * 1024 * 1024
 
 
 class NoReceiver(Exception):
@@ -59,6 +61,22 @@ class _AckWait:
     #: futures waiting for the whole message's ACK
     whole: list[asyncio.Future[m.Ack]]
     sent: float
+
+
+class _Round:
+    """The frames of one pipelined publish, and what each one resolves."""
+
+    __slots__ = ("items", "results", "size")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+        self.results: list[Any] = []  # per item: Future[int] | (channel, seq) | None
+        self.size = 0
+
+    def add(self, channel: str, data: bytes, result: Any) -> None:
+        self.items.append((channel, data))
+        self.results.append(result)
+        self.size += len(data)
 
 
 def state_of(entry: Entry, now: float) -> m.SessionState:
@@ -204,19 +222,18 @@ class Outbox:
         pending, self._pending = self._pending, {}
         waiters, self._pending_waiters = self._pending_waiters, {}
         messages, self._messages = self._messages, []
-        items: list[tuple[str, bytes]] = []
-        results: list[Any] = []  # per item: Future[int] | (channel, seq) | None
+        out = _Round()
         now = self._mono()
         # Control messages go first, in the order they were queued.
         for channel, body, fut, acked in messages:
             seq = self._next_seq(channel)
-            items.append((channel, self._encode(channel, seq, body)))
+            data = self._encode(channel, seq, body)
             if acked:
                 assert fut is not None
                 self._acks[(channel, seq)] = _AckWait({}, {}, [fut], now)
-                results.append((channel, seq))
+                out.add(channel, data, (channel, seq))
             else:
-                results.append(fut)
+                out.add(channel, data, fut)
         owned = self._store.owned
         wall = self._wall()
         for (channel, handoff), entries in pending.items():
@@ -233,23 +250,30 @@ class Outbox:
                 batch.append(state_of(e, wall))
                 size += len(e.payload) + _STATE_OVERHEAD
                 if size >= BATCH_BYTES:
-                    self._add_batch(items, results, channel, handoff, batch, ws, now)
+                    self._add_batch(out, channel, handoff, batch, ws, now)
                     batch, size = [], 0
+                    if out.size >= PUBLISH_BYTES:
+                        # A resend of many sessions goes out in parts, and the event loop
+                        # runs between them (requests are served while a node resyncs).
+                        await self._publish(out)
+                        out = _Round()
             if batch:
-                self._add_batch(items, results, channel, handoff, batch, ws, now)
-        if not items:
-            return
+                self._add_batch(out, channel, handoff, batch, ws, now)
+        if out.items:
+            await self._publish(out)
+
+    async def _publish(self, out: _Round) -> None:
         try:
-            counts = await self._transport.publish(items)
+            counts = await self._transport.publish(out.items)
         except TransportError as exc:
             self._stats.publish_errors += 1
             self._warn.warning("publish", "clustersess: %s; serving from memory, will re-replicate", exc)
-            for r in results:
+            for r in out.results:
                 self._fail(r, exc)
             return
-        self._stats.messages_sent += len(items)
-        self._stats.bytes_sent += sum(len(data) for _, data in items)
-        for r, n in zip(results, counts, strict=True):
+        self._stats.messages_sent += len(out.items)
+        self._stats.bytes_sent += out.size
+        for r, n in zip(out.results, counts, strict=True):
             if isinstance(r, tuple) and n == 0:
                 self._on_unreachable(r[0])
                 self._fail(r, NoReceiver())
@@ -258,8 +282,7 @@ class Outbox:
 
     def _add_batch(
         self,
-        items: list[tuple[str, bytes]],
-        results: list[Any],
+        out: _Round,
         channel: str,
         handoff: bool,
         batch: list[m.SessionState],
@@ -270,8 +293,7 @@ class Outbox:
         self._acks[(channel, seq)] = _AckWait(
             {s.token: ws.pop(s.token, []) for s in batch}, {s.token: s.version for s in batch}, [], now
         )
-        items.append((channel, self._encode(channel, seq, m.Replicate(tuple(batch), handoff))))
-        results.append((channel, seq))
+        out.add(channel, self._encode(channel, seq, m.Replicate(tuple(batch), handoff)), (channel, seq))
         self._stats.replications_sent += len(batch)
 
     def _fail(self, r: Any, exc: Exception) -> None:

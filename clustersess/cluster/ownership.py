@@ -44,6 +44,8 @@ class _Round:
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     #: a live member had no subscriber on its channel
     unheard: bool = False
+    #: ``expected`` is known (the publish counts are in): only then can the round end
+    counted: bool = False
 
     def complete(self) -> bool:
         return self.expected <= set(self.replies)
@@ -197,13 +199,15 @@ class Ownership:
                     # its memory. Not worth waiting for, but not proof either: the
                     # ownership stays unconfirmed until that member answers or is gone.
                     rnd.unheard = True
+            rnd.counted = True
             if not rnd.complete():
                 await asyncio.wait_for(rnd.done.wait(), ctx.timing.takeover_round)
         except (TimeoutError, TransportError):
             ctx.warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
         finally:
             del self._rounds[req]
-        return rnd.replies, rnd.complete() and not rnd.unheard and ctx.healthy()
+        # Every member answered: whatever our own health, they all gave up what they had.
+        return rnd.replies, rnd.complete() and not rnd.unheard
 
     async def _take(self, token: str, replies: dict[str, m.FetchReply], complete: bool) -> Entry | None:
         ctx = self.ctx
@@ -425,7 +429,7 @@ class Ownership:
         if rnd is None or body.token != rnd.token:
             return
         rnd.replies[member.name] = body
-        if rnd.complete():
+        if rnd.counted and rnd.complete():
             rnd.done.set()
 
     def on_owned(self, member: Member, env: m.Envelope) -> None:

@@ -151,7 +151,10 @@ class Replication:
         for _attempt in range(3):
             fut = self.enqueue(entry)
             if fut is None:
-                return False
+                # Alone in the cluster (no member at all): there is nothing to replicate
+                # to, and a lone node answers as a single node does. Members that cannot
+                # take it now (all suspected or unreachable) are a failure of this write.
+                return confirmed and not ctx.members.members
             if not sync:
                 fut.add_done_callback(consume)
                 return False  # async mode claims nothing

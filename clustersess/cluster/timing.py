@@ -30,6 +30,7 @@ class Timing:
     #: a takeover that keeps meeting concurrent takeovers gives up stepping aside after this
     takeover_deadline: float
     #: a holder lets requests in flight finish for this long before giving a session up
+    #: (less than a takeover round, so that its answer still arrives in time)
     release_wait: float
     #: a stopping node waits this long for its hand-offs to be acknowledged
     handoff_deadline: float
@@ -56,7 +57,7 @@ class Timing:
             reconnect_cap=max(0.1, min(2.0, cfg.drop_time / 3)),
             takeover_round=2 * cfg.ack_timeout,
             takeover_deadline=4 * cfg.ack_timeout,
-            release_wait=cfg.ack_timeout,
+            release_wait=1.5 * cfg.ack_timeout,
             handoff_deadline=2 * cfg.ack_timeout,
             tombstone_ttl=cfg.max_inactive + 60.0,
             adoption_marker_ttl=cfg.max_inactive + 2 * cfg.drop_time,
