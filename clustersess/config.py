@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
@@ -20,6 +21,8 @@ ReplicationMode = Literal["sync", "async"]
 
 ROUTE_RE = re.compile(r"[A-Za-z0-9_]{1,32}")
 COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")
+#: a zone names a failure domain (a machine by default: its host name)
+ZONE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 
 #: environment variable -> (config field, parser)
 ENV_VARS: dict[str, str] = {
@@ -36,6 +39,7 @@ ENV_VARS: dict[str, str] = {
     "CLUSTERSESS_CLUSTER": "cluster_name",
     "CLUSTERSESS_HTTPS_ONLY": "https_only",
     "CLUSTERSESS_GC_FREEZE": "gc_freeze",
+    "CLUSTERSESS_ZONE": "zone",
 }
 
 
@@ -62,6 +66,11 @@ class Config:
         notify_listeners_on_replication: also fire session listeners on backup nodes.
         gc_freeze: once the application has started, run one full garbage collection
             and freeze what survives (:mod:`clustersess.heap` says why); once per process.
+        zone: the failure domain this node runs in, announced in its heartbeats; a
+            session's backup is placed in another zone than its owner whenever one is
+            live (Infinispan's server hints, Hazelcast's partition groups). Empty
+            (default): the host name, so backups leave the machine. Set it to a rack or
+            an availability zone to spread further.
 
     Raises:
         ConfigError: on any invalid value.
@@ -87,6 +96,7 @@ class Config:
     ack_timeout: float = 1.0
     notify_listeners_on_replication: bool = False
     gc_freeze: bool = True
+    zone: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.secret_key, str):
@@ -132,6 +142,13 @@ class Config:
             raise ConfigError("max_age must be >= 0 seconds or None")
         if self.max_session_size < 64:
             raise ConfigError("max_session_size must be at least 64 bytes")
+        if not self.zone:
+            object.__setattr__(self, "zone", socket.gethostname())
+        if not ZONE_RE.fullmatch(self.zone):
+            raise ConfigError(
+                f"zone {self.zone!r} is invalid: use 1-255 characters from A-Z a-z 0-9 _ . : - "
+                "(set CLUSTERSESS_ZONE or zone=...; the default is the host name)"
+            )
         if self.redis_url is not None and not re.match(r"(rediss?|unix)://", self.redis_url):
             raise ConfigError(
                 f"redis URL must start with redis://, rediss:// or unix:// "
