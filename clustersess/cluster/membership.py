@@ -3,17 +3,19 @@
 Like Tomcat's McastService: every node announces itself each heartbeat interval; a
 member not heard from for ``drop_time`` is dead. A node restarted under the same name
 has a newer incarnation (start time first, so incarnations sort by age) and is never
-confused with its previous life. Backups are chosen by rendezvous hashing over the live
-members, so every node computes the same backup for a token without asking anyone.
+confused with its previous life. Backups are chosen by :mod:`.placement` (rendezvous
+hashing, in another zone than the owner's while one is live) over the live members, so
+every node computes the same backup for a token without asking anyone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from collections.abc import Iterable
+
+from .placement import choose_backup, rendezvous, score
 
 
 def new_incarnation() -> str:
@@ -31,30 +33,26 @@ class Member:
     backups: int = 0
     #: a direct message found nobody listening: do not pick it as a backup until heard again
     suspect: bool = False
+    #: the failure domain it announced ("" until heard, or from an older release)
+    zone: str = ""
 
 
-def score(token: str, node: str) -> int:
-    digest = hashlib.blake2b(f"{token}\x00{node}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+__all__ = ["Member", "Membership", "new_incarnation", "pick_backup", "score"]
 
-
-def pick_backup(token: str, candidates: Iterable[str]) -> str | None:
-    """Rendezvous (highest random weight) choice among ``candidates``; even and stable."""
-    best: str | None = None
-    best_score = -1
-    for node in candidates:
-        s = score(token, node)
-        if s > best_score or (s == best_score and best is not None and node < best):
-            best, best_score = node, s
-    return best
+#: rendezvous choice among names, zones aside (kept for callers and tests of the old name)
+pick_backup = rendezvous
 
 
 class Membership:
     """The member table of one node (``me`` is never in it)."""
 
-    def __init__(self, me: str, drop_time: float) -> None:
+    def __init__(self, me: str, drop_time: float, *, zone: str = "") -> None:
         self.me = me
         self.drop_time = drop_time
+        self.zone = zone
+        #: last zone each name announced; kept when the member is gone, because a survivor
+        #: needs a dead owner's zone to tell which member that owner chose as its backup
+        self.zones: dict[str, str] = {}
         self.members: dict[str, Member] = {}
         #: newest incarnation seen per name, so messages from a past life are refused
         self.incarnations: dict[str, str] = {}
@@ -62,10 +60,13 @@ class Membership:
         #: heartbeat) must not make it a member again, or we would pick it as a backup
         self.left: set[tuple[str, str]] = set()
 
-    def heard(self, name: str, incarnation: str, now: float) -> tuple[bool, Member | None]:
+    def heard(self, name: str, incarnation: str, now: float, *, zone: str | None = None) -> tuple[bool, Member | None]:
         """Record a sign of life. Returns (is_new_member, replaced_member_or_None).
 
-        A message from an older incarnation than one already seen is not a sign of life.
+        ``zone`` is what a heartbeat announced (``None``: another kind of message); it is
+        remembered for the name and given to a new member (a known member's zone is the
+        caller's to update, since a change moves backups). A message from an older
+        incarnation than one already seen is not a sign of life.
         """
         known = self.incarnations.get(name)
         if (known is not None and incarnation < known) or (name, incarnation) in self.left:
@@ -76,8 +77,10 @@ class Membership:
             replaced = self.members.pop(name)
             member = None
         self.incarnations[name] = incarnation
+        if zone is not None:
+            self.zones[name] = zone
         if member is None:
-            self.members[name] = Member(name, incarnation, now)
+            self.members[name] = Member(name, incarnation, now, zone=self.zones.get(name, ""))
             return True, replaced
         member.last_seen = now
         member.suspect = False
@@ -110,8 +113,18 @@ class Membership:
     def live(self) -> list[str]:
         return sorted(self.members)
 
+    def zone_of(self, name: str) -> str:
+        """The zone ``name`` announced last (this node's own for ``me``; "" if never heard)."""
+        return self.zone if name == self.me else self.zones.get(name, "")
+
     def backup_for(self, token: str, *, exclude: Iterable[str] = ()) -> str | None:
+        """The backup this node gives its session ``token`` among the live members."""
         excluded = set(exclude)
-        return pick_backup(
-            token, (n for n, m in self.members.items() if not m.suspect and n not in excluded)
-        )
+        candidates = {n: m.zone for n, m in self.members.items() if not m.suspect and n not in excluded}
+        return choose_backup(token, self.zone, candidates)
+
+    def backup_chosen_by(self, owner: str, token: str, view: Iterable[str]) -> str | None:
+        """The backup ``owner`` chose for ``token`` while the live members were ``view``
+        (names, this node's included): how a survivor knows it must adopt a dead owner's
+        session."""
+        return choose_backup(token, self.zone_of(owner), {n: self.zone_of(n) for n in view if n != owner})

@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any, ClassVar
 
-from ..config import ROUTE_RE
+from ..config import ROUTE_RE, ZONE_RE
 from ..ids import TOKEN_RE
 
 PROTOCOL_VERSION = 1
@@ -137,13 +137,20 @@ class Heartbeat(Body):
     owned: int
     backups: int
     hello: bool = False  # a joining node asks everyone to answer with a heartbeat now
+    zone: str = ""  # the sender's failure domain (Config.zone); "" from nodes that announce none
 
     def to_json(self) -> dict[str, Any]:
-        return {"addr": self.address, "owned": self.owned, "backups": self.backups, "hello": self.hello}
+        return {"addr": self.address, "owned": self.owned, "backups": self.backups, "hello": self.hello, "zone": self.zone}
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Heartbeat:
-        return cls(_get(body, "addr", str), _get(body, "owned", int), _get(body, "backups", int), _get(body, "hello", bool))
+        # Optional, so a node of an older release stays a member during a rolling upgrade.
+        zone = body.get("zone", "")
+        if not isinstance(zone, str) or (zone and not ZONE_RE.fullmatch(zone)):
+            raise Malformed("zone must be a zone name")
+        return cls(
+            _get(body, "addr", str), _get(body, "owned", int), _get(body, "backups", int), _get(body, "hello", bool), zone
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

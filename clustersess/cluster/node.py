@@ -32,7 +32,7 @@ from .. import codec
 from ..errors import DuplicateNodeError
 from ..session import Entry
 from . import messages as m
-from .membership import Membership, new_incarnation, pick_backup
+from .membership import Membership, new_incarnation
 from .outbox import NoReceiver, Outbox, RateLimitedLog, consume, state_of
 from .transport import RedisTransport, Transport, TransportError
 from .wire import BadMac, Codec
@@ -73,7 +73,7 @@ class ClusterNode:
             assert cfg.redis_url is not None
             transport = RedisTransport(cfg.redis_url, backoff_cap=self.reconnect_cap(cfg.drop_time))
         self.transport = transport
-        self.members = Membership(self.name, cfg.drop_time)
+        self.members = Membership(self.name, cfg.drop_time, zone=cfg.zone)
         self.address = f"{socket.gethostname()}:{os.getpid()}"
         self.ch_all = f"{cfg.cluster_name}:all"
         self.ch_me = self.channel(self.name)
@@ -420,7 +420,7 @@ class ClusterNode:
     def _beat(self, hello: bool = False) -> None:
         self.outbox.send(
             self.ch_all,
-            m.Heartbeat(self.address, len(self.store.owned), len(self.store.backups), hello),
+            m.Heartbeat(self.address, len(self.store.owned), len(self.store.backups), hello, self.config.zone),
         )
 
     def _retry_requeued(self) -> None:
@@ -532,7 +532,8 @@ class ClusterNode:
             if self.members.leave(src, env.inc) is not None:
                 self._member_lost(src, "left")
             return
-        is_new, replaced = self.members.heard(src, env.inc, time.monotonic())
+        zone = body.zone if isinstance(body, m.Heartbeat) else None
+        is_new, replaced = self.members.heard(src, env.inc, time.monotonic(), zone=zone)
         if replaced is not None:
             self._member_lost(src, "restarted as a new incarnation")
         if is_new:
@@ -544,6 +545,9 @@ class ClusterNode:
         member = self.members.members.get(src)
         if member is not None:
             member.address, member.owned, member.backups = body.address, body.owned, body.backups
+            if member.zone != body.zone:  # first heard from through another message
+                member.zone = body.zone
+                self._rebalance()
         if body.hello:
             self._beat()
 
@@ -694,7 +698,7 @@ class ClusterNode:
         # but the owner chose among the others.
         view = (set(self.members.members) - {name}) | {self.name}
         for copy in list(self.store.backups.values()):
-            if copy.owner == name and pick_backup(copy.token, view) == self.name:
+            if copy.owner == name and self.members.backup_chosen_by(name, copy.token, view) == self.name:
                 self._adopt(copy)
         self._rebalance()
 
@@ -718,6 +722,7 @@ class ClusterNode:
                 "state": "up" if self.transport.connected else "disconnected",
                 "self": True,
                 "address": self.address,
+                "zone": self.config.zone,
                 "owned": len(self.store.owned),
                 "backups": len(self.store.backups),
             }
@@ -730,6 +735,7 @@ class ClusterNode:
                     "state": "suspect" if member.suspect else "up",
                     "self": False,
                     "address": member.address,
+                    "zone": member.zone,
                     "owned": member.owned,
                     "backups": member.backups,
                     "last_seen": round(max(0.0, now - member.last_seen), 3),
