@@ -487,6 +487,7 @@ class ClusterNode:
 
     def _on_message(self, channel: str, raw: bytes) -> None:
         self.stats.messages_received += 1
+        self.stats.bytes_received += len(raw)
         try:
             env = self.codec.decode(raw)
         except BadMac:

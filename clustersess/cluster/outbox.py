@@ -119,6 +119,7 @@ class Outbox:
         wait = self._acks.pop((channel, seq), None)
         if wait is None:
             return
+        self._stats.ack_latency.observe(time.monotonic() - wait.sent)
         for w in wait.waiters:
             if not w.done():
                 w.set_result(None)
@@ -188,6 +189,7 @@ class Outbox:
                 self._fail(r, exc)
             return
         self._stats.messages_sent += len(items)
+        self._stats.bytes_sent += sum(len(raw) for _, raw in items)
         for r, n in zip(results, counts):
             if isinstance(r, tuple) and n == 0:
                 self._on_unreachable(r[0])
