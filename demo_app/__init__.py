@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from clustersess import ClusterSessionMiddleware
 
@@ -129,6 +130,17 @@ async def cluster_page(request: Request) -> Response:
     return HTMLResponse(body)
 
 
+def _metrics_endpoint() -> ASGIApp:
+    """Prometheus metrics at /metrics (needs prometheus_client: the ``metrics`` extra)."""
+    try:
+        from clustersess import metrics
+    except ImportError as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=501)
+    return metrics.asgi_app()
+
+
+metrics_endpoint = _metrics_endpoint()
+
 routes = [
     Route("/test.jsp", test_jsp),
     Route("/api/session", get_session, methods=["GET"]),
@@ -139,6 +151,12 @@ routes = [
     Route("/health", health),
     Route("/cluster", cluster_page),
     Route("/cluster.json", cluster_json),
+    # Inside the session middleware: it hands the node to the metrics app in the scope.
+    Route("/metrics", metrics_endpoint),
 ]
 
 app = Starlette(routes=routes, middleware=[Middleware(ClusterSessionMiddleware)])
+if hasattr(metrics_endpoint, "bind"):
+    # prometheus_client's multiprocess mode (several workers on one port): each worker
+    # mirrors its own values from its start, not from the first scrape it happens to get.
+    metrics_endpoint.bind(app)

@@ -87,3 +87,14 @@ def health() -> Any:
 @app.get("/cluster.json")
 def cluster_json() -> Any:
     return jsonify(clustersess.manager.status())
+
+
+@app.get("/metrics")
+def prometheus_metrics() -> Any:
+    """Prometheus metrics (needs prometheus_client: the ``metrics`` extra)."""
+    try:
+        from clustersess import metrics
+    except ImportError as exc:
+        return f"{exc}\n", 501, {"Content-Type": "text/plain; charset=utf-8"}
+    body, content_type = metrics.exposition(clustersess.manager, request.headers.get("Accept"))
+    return body, 200, {"Content-Type": content_type}
