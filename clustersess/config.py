@@ -178,7 +178,11 @@ class Config:
     def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
         """Build a config from keywords, using ``CLUSTERSESS_*`` variables for the rest.
 
-        Keywords whose value is ``None`` count as not given. Raises :class:`ConfigError`.
+        Keywords whose value is ``None`` count as not given. In one of several worker
+        processes that a server runs on one port (``uvicorn --workers``, ``gunicorn -w``)
+        the node name becomes this worker's own route, ``<node_name>_w<pid>``, or, without
+        Redis, the layout is refused (:func:`clustersess.workers.for_this_process`).
+        Raises :class:`ConfigError`.
         """
         env = os.environ if env is None else env
         given = {k: v for k, v in kwargs.items() if v is not None}
@@ -194,7 +198,9 @@ class Config:
             given["secret_key"] = ()
         elif isinstance(given["secret_key"], Sequence) and not isinstance(given["secret_key"], str):
             given["secret_key"] = tuple(given["secret_key"])
-        return cls(**given)
+        from .workers import for_this_process  # workers imports this module
+
+        return for_this_process(cls(**given))
 
 
 def _redact(name: str, value: Any) -> Any:

@@ -22,6 +22,13 @@ from clustersess import ClusterSessionMiddleware
 NODE = os.environ.get("CLUSTERSESS_NODE", "node1")
 
 
+def _node(request: Request) -> str:
+    """This node's name: the configured one, or this worker's route under a server that
+    runs several workers on one port (node1_w<pid>)."""
+    manager = request.scope.get("clustersess.manager")
+    return str(manager.node) if manager is not None else NODE
+
+
 def _local_address(request: Request) -> str:
     server = request.scope.get("server") or ("unknown", 0)
     host, port = server[0], server[1]
@@ -36,7 +43,7 @@ async def test_jsp(request: Request) -> Response:
         "    Server info:\n"
         f"{html.escape(_local_address(request))}<br>"
         f"<br>ID {html.escape(session.id)} <br>\n"
-        f"Node {html.escape(NODE)} <br>\n"
+        f"Node {html.escape(_node(request))} <br>\n"
         f"Hits {session['hits']} <br>\n"
         "</body>\n</html>\n"
     )
@@ -45,7 +52,7 @@ async def test_jsp(request: Request) -> Response:
 
 def _view(request: Request) -> dict[str, object]:
     session = request.session
-    return {"id": session.id, "node": NODE, "new": session.is_new, "data": dict(session)}
+    return {"id": session.id, "node": _node(request), "new": session.is_new, "data": dict(session)}
 
 
 async def get_session(request: Request) -> Response:

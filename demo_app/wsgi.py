@@ -11,21 +11,18 @@ It joins the same cluster as the Starlette nodes and serves the same sessions.
 from __future__ import annotations
 
 import html
-import os
 from typing import Any
 
 from flask import Flask, jsonify, request, session
 
 from clustersess.flask_ext import ClusterSession
 
-NODE = os.environ.get("CLUSTERSESS_NODE", "node1")
-
 app = Flask(__name__)
 clustersess = ClusterSession(app)
 
 
 def _view() -> dict[str, Any]:
-    return {"id": session.id, "node": NODE, "new": session.is_new, "data": dict(session)}
+    return {"id": session.id, "node": clustersess.manager.node, "new": session.is_new, "data": dict(session)}
 
 
 @app.get("/test.jsp")
@@ -37,7 +34,7 @@ def test_jsp() -> Any:
         "    Server info:\n"
         f"{html.escape(local)}<br>"
         f"<br>ID {html.escape(session.id)} <br>\n"
-        f"Node {html.escape(NODE)} <br>\n"
+        f"Node {html.escape(clustersess.manager.node)} <br>\n"
         f"Hits {session['hits']} <br>\n"
         "</body>\n</html>\n"
     )
