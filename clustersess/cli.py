@@ -109,12 +109,15 @@ def _log_config(level: str) -> dict[str, object]:
 
 @main.command()
 @click.option("--nodes", type=click.IntRange(1, 32), default=3, show_default=True, help="How many nodes.")
-@click.option("--port-base", type=int, default=9090, show_default=True, help="nodeK listens on PORT_BASE+K.")
+@click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Workers per node (clustersess node --workers): nodeK_w1.. on consecutive ports.")  # fmt: skip
+@click.option("--port-base", type=int, default=9090, show_default=True,
+              help="Node ports start at PORT_BASE+1 (nodeK on PORT_BASE+K with one worker each).")  # fmt: skip
 @click.option("--lb", type=click.Choice(["auto", "haproxy", "nginx", "none"]), default="auto", show_default=True,
               help="Load balancer in front of the nodes (auto: HAProxy, else nginx, if installed).")
 @click.option("--lb-port", type=int, default=None, help="Load balancer port  [default: PORT_BASE]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address everything binds to.")
-def demo(nodes: int, port_base: int, lb: str, lb_port: int | None, host: str) -> None:
+def demo(nodes: int, workers: int, port_base: int, lb: str, lb_port: int | None, host: str) -> None:
     """Run Redis, N test.jsp nodes and a sticky load balancer here; Ctrl-C stops them all.
 
     Redis: CLUSTERSESS_REDIS_URL if set, else redis-server on PATH, else the one the
@@ -123,7 +126,7 @@ def demo(nodes: int, port_base: int, lb: str, lb_port: int | None, host: str) ->
     from .demo import DemoError, DemoOptions, run
 
     try:
-        options = DemoOptions(nodes=nodes, port_base=port_base, lb=lb, lb_port=lb_port, host=host)  # type: ignore[arg-type]
+        options = DemoOptions(nodes=nodes, workers=workers, port_base=port_base, lb=lb, lb_port=lb_port, host=host)  # type: ignore[arg-type]
     except DemoError as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(run(options))
