@@ -333,6 +333,7 @@ class _Mirror:
         self._gauges: dict[str, Gauge] = {}
         self._histograms: dict[str, Histogram] = {}
         self._info: Gauge | None = None
+        self._members: Gauge | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="clustersess-metrics", daemon=True)
@@ -374,12 +375,17 @@ class _Mirror:
                     f"{PREFIX}_{name}_seconds", _help(name), buckets=hist.bounds, registry=None
                 )
                 hist.also = self._histograms[name].observe  # every value from now on
-        levels = {**snap.gauges, **{f"members_{state}": float(n) for state, n in snap.members.items()}}
-        for name, level in levels.items():
+        for name, level in snap.gauges.items():
             gauge = self._gauges.get(name)
             if gauge is None:
                 gauge = self._gauges[name] = _mirror_gauge(name)
             gauge.set(level)
+        if self._members is None:
+            # What every worker sees alike: the same from each.
+            self._members = Gauge(f"{PREFIX}_members", "Live members this node sees, itself included", ["state"],
+                                  registry=None, multiprocess_mode="livemax")  # fmt: skip
+        for state, count in snap.members.items():
+            self._members.labels(state).set(count)
         if self._info is None:
             self._info = Gauge(
                 f"{PREFIX}_node_info", "This node", list(snap.info), registry=None, multiprocess_mode="liveall"
@@ -388,11 +394,8 @@ class _Mirror:
 
 
 def _mirror_gauge(name: str) -> Gauge:
-    # Sessions add up over a machine's workers; what every worker sees alike (members,
-    # zones) is the same from each; the machine is healthy only if every worker is.
-    if name.startswith("members_"):
-        return Gauge(f"{PREFIX}_members_{name[8:]}", f"Live members in state {name[8:]}", registry=None,
-                     multiprocess_mode="livemax")  # fmt: skip
+    # Sessions add up over a machine's workers; what every worker sees alike (zones) is the
+    # same from each; the machine is healthy only if every worker is.
     mode = {"healthy": "livemin", "redis_connected": "livemin", "zones": "livemax", "tombstones": "livemax"}
     return Gauge(f"{PREFIX}_{name}", _GAUGE_HELP.get(name, name), registry=None,
                  multiprocess_mode=mode.get(name, "livesum"))  # type: ignore[arg-type]  # fmt: skip

@@ -196,3 +196,61 @@ def test_the_demo_nodes_serve_metrics_under_uvicorn_and_waitress(
     flask_families = scrape(flask.url)
     assert value(flask_families, "clustersess_sessions_backed_up") == 5  # flask1 is star1's only member
     assert value(flask_families, "clustersess_members", state="up") == 2
+
+
+@pytest.mark.timeout(90)
+def test_multiprocess_mode_answers_for_every_worker_of_one_port(
+    redis_server: RedisServer, process_factory: Callable[..., ServerProcess], tmp_path: Any
+) -> None:
+    """uvicorn --workers 2 on one port: whichever worker a scrape reaches reports both."""
+    import os
+    import re
+    import signal
+    import time
+
+    from tests.utils import wait_until
+
+    shared = tmp_path / "prom"
+    shared.mkdir()
+    port = free_port()
+    env = base_env({
+        "CLUSTERSESS_SECRET": TEST_SECRET, "CLUSTERSESS_REDIS_URL": redis_server.url, "CLUSTERSESS_NODE": "node1",
+        "CLUSTERSESS_HEARTBEAT": "0.2", "CLUSTERSESS_DROP_TIME": "1.0", "PROMETHEUS_MULTIPROC_DIR": str(shared),
+    })  # fmt: skip
+    cmd = [sys.executable, "-m", "uvicorn", "demo_app:app", "--workers", "2", "--port", str(port)]
+    proc = process_factory(cmd, port=port, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(12):  # new connections: the kernel spreads them over both workers
+        assert httpx.post(url + "/api/session/incr/n", timeout=5).status_code == 200
+
+    def workers_reported() -> Families | None:
+        families = scrape(url)
+        info = [s for s in families["clustersess_node_info"].samples if s.value == 1]
+        return families if len(info) == 2 else None
+
+    families = wait_until(workers_reported, timeout=15, what="both workers in the shared metrics")
+    info = families["clustersess_node_info"].samples
+    assert {s.labels["node"] for s in info} == {s.labels["node"] for s in info if re.fullmatch(r"node1_w\d+", s.labels["node"])}
+    assert {s.labels["pid"] for s in info} == {s.labels["node"].rsplit("_w", 1)[1] for s in info}
+
+    def settled() -> Families | None:
+        families = scrape(url)
+        created = value(families, "clustersess_sessions_created", "clustersess_sessions_created_total")
+        owned = value(families, "clustersess_sessions_owned")
+        return families if created == 12 and owned == 12 else None
+
+    # Counters summed over the workers, sessions summed over the live ones: the machine's totals.
+    families = wait_until(settled, timeout=15, what="12 sessions created and owned in total")
+    assert value(families, "clustersess_members", state="up") == 2
+
+    # A worker that dies leaves the live gauges (uvicorn starts a new one; nothing calls
+    # prometheus_client's mark_process_dead for it: the exporter reaps it at a scrape).
+    dead = int(info[0].labels["pid"])
+    os.kill(dead, signal.SIGKILL)
+    time.sleep(0.5)
+
+    def forgotten() -> bool:
+        return str(dead) not in {s.labels.get("pid") for s in scrape(url)["clustersess_node_info"].samples}
+
+    wait_until(forgotten, timeout=20, what="the dead worker's live gauges reaped")
+    assert proc.running
