@@ -12,8 +12,8 @@ port, and takes its place in the cluster once the old one's name claim has expir
 most the drop time). A worker that cannot start at all (a configuration error, a port in
 use) stops the supervisor with its exit status, since a restart would fail the same way.
 SIGTERM, SIGINT and SIGHUP stop every worker with one SIGTERM each, so each hands its
-sessions to their backups before it exits; the workers run in their own session, so a
-Ctrl-C in the terminal reaches them only through the supervisor, once.
+sessions to their backups before it exits; the workers run in their own process group, so
+a Ctrl-C in the terminal reaches them only through the supervisor, once.
 """
 
 from __future__ import annotations
@@ -207,9 +207,12 @@ class Supervisor:
             list(self.command(worker.index)),
             env=env,
             stdin=subprocess.DEVNULL,
-            # Own session: a terminal's Ctrl-C reaches the workers only through us, as one
-            # SIGTERM each (a second signal makes uvicorn skip its graceful hand-off).
-            start_new_session=True,
+            # Own process group: a terminal's Ctrl-C reaches the workers only through us, as
+            # one SIGTERM each (a second signal makes uvicorn skip its graceful hand-off).
+            # Not a session of their own: with the kernel's autogroup scheduling each session
+            # is scheduled as one unit, and on a busy machine workers in sessions of their
+            # own ran at half the speed of the same workers in the supervisor's.
+            process_group=0,
             preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509 - the supervisor has no threads
         )
         worker.started = time.monotonic()

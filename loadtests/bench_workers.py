@@ -14,12 +14,13 @@ HAProxy configuration (``clustersess lb-config``), one after the other on this m
   not the balancer, picks the worker, so about every other request of a session lands on
   the worker that does not own it and takes the session over through Redis.
 
-``wrk`` drives HAProxy with 64 sessions created beforehand (through HAProxy, so spread
-over both workers), one after another per request, and updates each session's cookie
-from ``Set-Cookie`` as a browser would (which matters for ``one-port``: after a
-takeover the session's cookie names its new owner). Two tests: ``GET /read`` (one session
-value) and ``GET /write`` (increments a counter); after the writes the script sums the 64
-counters to check that the increments landed. Nothing is pinned: the workers, HAProxy,
+``wrk`` plays ``--users`` users (8), one per wrk thread, each with its own session (created
+beforehand through HAProxy, so spread over both workers) on its share of the connections
+(32 in all: 4 per user, as a browser opens several), and updates its cookie from
+``Set-Cookie`` as a browser would (which matters for ``one-port``: after a takeover the
+cookie names the new owner). Two tests: ``GET /read`` (one session value) and ``GET
+/write`` (increments a counter); after the writes the script sums the users' counters to
+check that every increment landed. Nothing is pinned: the workers, HAProxy,
 Redis and wrk share the machine's cores, as they would on a small server.
 
 Prints req/s, p50, p99, the workers' CPU per request, and the ratios. One run by default:
@@ -54,7 +55,6 @@ from clustersess import lb  # after the path: a checkout runs without installing
 
 SECRET = "benchmark-secret-not-for-production"
 TESTS = ("read", "write")
-SESSIONS = 64
 CONTENDERS = {
     "clustersess": "clustersess node --workers 2, 2 ports, HAProxy routes to the owner",
     "starlette": "Starlette SessionMiddleware (signed cookie), uvicorn --workers 2",
@@ -62,24 +62,27 @@ CONTENDERS = {
 }
 
 WRK_LUA = r"""
+-- One user per wrk thread: its own session, on the thread's connections (a browser opens a
+-- few per host); its cookie is updated from Set-Cookie, as a browser would.
 cookies = {COOKIES}
 local path = "{PATH}"
 local name = "{NAME}"
-local index = {}
-for i, c in ipairs(cookies) do
-  local token = string.match(c, "=([^~]+)~")
-  if token then index[token] = i end
-end
-local n = #cookies
-local i = 0
-reissued = 0  -- cookies the server changed: on a clustersess read, each one is a takeover
-
 local threads = {}
-setup = function(thread) table.insert(threads, thread) end
+local started = 0
+
+setup = function(thread)
+  started = started + 1
+  thread:set("user", started)
+  table.insert(threads, thread)
+end
+
+init = function(args)
+  cookie = cookies[(user - 1) % #cookies + 1]
+  reissued = 0  -- responses that changed the cookie: on a clustersess read, a takeover each
+end
 
 request = function()
-  i = i % n + 1
-  return wrk.format("GET", path, {["Cookie"] = cookies[i]})
+  return wrk.format("GET", path, {["Cookie"] = cookie})
 end
 
 response = function(status, headers, body)
@@ -87,10 +90,8 @@ response = function(status, headers, body)
   if sc == nil then return end
   local value = string.match(sc, "^" .. name .. "=([^;]+)")
   if value == nil or value == "null" then return end
-  local token = string.match(value, "^([^~]+)~")
-  local at = token and index[token]
-  if at and cookies[at] ~= name .. "=" .. value then
-    cookies[at] = name .. "=" .. value
+  if cookie ~= name .. "=" .. value then
+    cookie = name .. "=" .. value
     reissued = reissued + 1
   end
 end
@@ -237,9 +238,9 @@ def contender(name: str, redis_url: str, round_: int, tmp: Path, log: Any) -> It
         setup.stop()
 
 
-def make_sessions(setup: Setup) -> list[str]:
+def make_sessions(setup: Setup, users: int) -> list[str]:
     cookies = []
-    for _ in range(SESSIONS):
+    for _ in range(users):
         status, _, cookie = get(setup.lb_port, "/setup")
         if status != 200 or cookie is None:
             raise RuntimeError(f"{setup.name}: /setup answered {status} without a cookie")
@@ -247,11 +248,12 @@ def make_sessions(setup: Setup) -> list[str]:
     return cookies
 
 
-def run_wrk(setup: Setup, cookies: list[str], path: str, duration: int, connections: int, tmp: Path) -> dict[str, Any]:
-    script = tmp / f"wrk-{setup.name}-{path.strip('/')}.lua"
+def run_wrk(setup: Setup, cookies: list[str], path: str, duration: int, connections: int, tmp: Path
+            ) -> dict[str, Any]:  # fmt: skip
+    script = tmp / f"wrk-{setup.name}-{setup.lb_port}-{path.strip('/')}.lua"
     lua_cookies = "{" + ", ".join(json.dumps(c) for c in cookies) + "}"
     script.write_text(WRK_LUA.replace("{COOKIES}", lua_cookies).replace("{PATH}", path).replace("{NAME}", setup.cookie_name))
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "5s", "-s", str(script),
+    argv = ["wrk", f"-t{len(cookies)}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s", "-s", str(script),
             f"http://127.0.0.1:{setup.lb_port}{path}"]  # fmt: skip
     cpu0 = cpu_seconds(setup.workers)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
@@ -282,13 +284,17 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of reads before measuring (default 1)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds, each contender once per round (default 1)")
-    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument("--users", type=int, default=8, help="users (wrk threads), one session each (default 8)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections, shared by the users (default 32)")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="contenders, comma-separated")
     parser.add_argument("--json", help="write every sample here")
     args = parser.parse_args()
     missing = [t for t in ("wrk", "redis-server") if shutil.which(t) is None] + ([] if lb.find("haproxy") else ["haproxy"])
     if missing:
         print(f"bench_workers: needs {', '.join(missing)} (apt-get install wrk haproxy redis-server)", file=sys.stderr)
+        return 2
+    if not 1 <= args.users <= args.connections:
+        print("bench_workers: --users must be between 1 and --connections (each user needs a connection)", file=sys.stderr)
         return 2
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(CONTENDERS)
@@ -311,7 +317,7 @@ def main() -> int:
                     order = names[round_ % len(names) :] + names[: round_ % len(names)]
                     for name in order:
                         with contender(name, f"redis://127.0.0.1:{redis_port}/0", round_, tmp, log) as setup:
-                            cookies = make_sessions(setup)
+                            cookies = make_sessions(setup, args.users)
                             if args.warmup:
                                 run_wrk(setup, cookies, "/read", args.warmup, args.connections, tmp)
                             for test in TESTS:
@@ -353,8 +359,9 @@ def report(
 ) -> None:
     cpus = os.cpu_count()
     print()
-    print(f"two workers behind HAProxy, {args.rounds} round(s) x {args.duration} s, wrk -t1 -c{args.connections}, "
-          f"{SESSIONS} sessions, {cpus} CPUs; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")  # fmt: skip
+    print(f"two workers behind HAProxy, {args.rounds} round(s) x {args.duration} s, wrk -t{args.users} "
+          f"-c{args.connections} ({args.users} users, one session each), {cpus} CPUs; "
+          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")  # fmt: skip
     print()
     print("| contender | test | req/s | p50 ms | p99 ms | worker CPU us/req | cookies re-issued | writes counted |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
