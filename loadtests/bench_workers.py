@@ -199,9 +199,10 @@ class Setup:
 
 
 @contextlib.contextmanager
-def contender(name: str, redis_url: str, round_: int, tmp: Path, log: Any) -> Iterator[Setup]:
+def contender(name: str, redis_url: str, round_: int, tmp: Path, log: Any, replication: str = "sync") -> Iterator[Setup]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CLUSTERSESS_SECRET": SECRET, "CLUSTERSESS_NODE": "node1",
-           "CLUSTERSESS_REDIS_URL": redis_url, "CLUSTERSESS_CLUSTER": f"bench-workers-{name}-{round_}"}  # fmt: skip
+           "CLUSTERSESS_REDIS_URL": redis_url, "CLUSTERSESS_CLUSTER": f"bench-workers-{name}-{round_}",
+           "CLUSTERSESS_REPLICATION": replication}  # fmt: skip
     uvicorn = [sys.executable, "-m", "uvicorn", "--workers", "2", "--loop", "uvloop", "--http", "httptools",
                "--no-access-log", "--log-level", "warning"]  # fmt: skip
     procs: list[subprocess.Popen[bytes]] = []
@@ -287,6 +288,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=8, help="users (wrk threads), one session each (default 8)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections, shared by the users (default 32)")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="contenders, comma-separated")
+    parser.add_argument("--replication", choices=("sync", "async"), default="sync", help="clustersess's (default sync)")
     parser.add_argument("--json", help="write every sample here")
     args = parser.parse_args()
     missing = [t for t in ("wrk", "redis-server") if shutil.which(t) is None] + ([] if lb.find("haproxy") else ["haproxy"])
@@ -316,7 +318,8 @@ def main() -> int:
                 for round_ in range(args.rounds):
                     order = names[round_ % len(names) :] + names[: round_ % len(names)]
                     for name in order:
-                        with contender(name, f"redis://127.0.0.1:{redis_port}/0", round_, tmp, log) as setup:
+                        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+                        with contender(name, redis_url, round_, tmp, log, args.replication) as setup:
                             cookies = make_sessions(setup, args.users)
                             if args.warmup:
                                 run_wrk(setup, cookies, "/read", args.warmup, args.connections, tmp)
@@ -360,7 +363,7 @@ def report(
     cpus = os.cpu_count()
     print()
     print(f"two workers behind HAProxy, {args.rounds} round(s) x {args.duration} s, wrk -t{args.users} "
-          f"-c{args.connections} ({args.users} users, one session each), {cpus} CPUs; "
+          f"-c{args.connections} ({args.users} users, one session each), {args.replication} replication, {cpus} CPUs; "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")  # fmt: skip
     print()
     print("| contender | test | req/s | p50 ms | p99 ms | worker CPU us/req | cookies re-issued | writes counted |")
