@@ -7,10 +7,12 @@ Needs the ``metrics`` extra (``pip install 'clustersess[metrics]'``, which insta
     from clustersess import metrics
     routes = [..., Route("/metrics", metrics.asgi_app())]  # an ASGI app as the endpoint
 
-    # Flask
+    # Flask (clustersess = ClusterSession(app))
+    metrics_app = metrics.wsgi_app(clustersess.manager)
+
     @app.get("/metrics")
     def prometheus():
-        body, content_type = metrics.exposition(clustersess.manager, request.headers.get("Accept"))
+        body, content_type = metrics_app.render(request.headers.get("Accept"))
         return body, 200, {"Content-Type": content_type}
 
 What is exported (all names start with ``clustersess_``):
@@ -32,7 +34,8 @@ reaches whichever worker accepts it; there, set ``PROMETHEUS_MULTIPROC_DIR`` (be
 prometheus_client is imported) and :meth:`MetricsApp.bind` each app to the node it serves:
 every worker then mirrors its values into prometheus_client's shared files once a second
 and any worker answers for all of them (counters summed, ``sessions_*`` summed over live
-workers, ``node_info`` per worker with a ``pid`` label).
+workers, ``node_info`` per worker with a ``pid`` label). One node per process is mirrored:
+the first bound source that leads to one.
 """
 
 from __future__ import annotations
@@ -327,7 +330,8 @@ class _Mirror:
     """Copies one worker's values into prometheus_client metrics backed by the shared files."""
 
     def __init__(self, source: _Source) -> None:
-        self._source = source
+        #: where the node may be found; the first that finds one is the process's node
+        self.sources = [source]
         self._counters: dict[str, Counter] = {}
         self._last: dict[str, int] = {}
         self._gauges: dict[str, Gauge] = {}
@@ -350,9 +354,10 @@ class _Mirror:
                 log.exception("clustersess: could not copy metrics to PROMETHEUS_MULTIPROC_DIR")
 
     def sync(self) -> None:
-        manager = self._source.get()
+        manager = next((m for m in (source.get() for source in self.sources) if m is not None), None)
         if manager is None:
             return
+        self.sources = [s for s in self.sources if s.get() is manager][:1]
         snap = snapshot(manager)
         with self._lock:  # the serving thread syncs too, right before a scrape
             self._sync(manager, snap)
@@ -393,6 +398,24 @@ class _Mirror:
             self._info.labels(**snap.info).set(1)
 
 
+_MIRROR_LOCK = threading.Lock()
+_mirror: tuple[int, _Mirror] | None = None
+
+
+def _process_mirror(source: _Source) -> _Mirror:
+    """This process's one mirror: two would write the same entries of the shared files.
+    (A process forked after one was made, without its thread, gets its own.)"""
+    global _mirror
+    with _MIRROR_LOCK:
+        if _mirror is None or _mirror[0] != os.getpid():
+            _mirror = (os.getpid(), _Mirror(source))
+        elif source not in _mirror[1].sources:
+            # Another app of the process bound too (a module that imports a second app,
+            # say): whichever of them leads to a running node is the one mirrored.
+            _mirror[1].sources.append(source)
+        return _mirror[1]
+
+
 def _mirror_gauge(name: str) -> Gauge:
     # Sessions add up over a machine's workers; what every worker sees alike (zones) is the
     # same from each; the machine is healthy only if every worker is.
@@ -424,7 +447,7 @@ class MetricsApp:
             self._shared = CollectorRegistry()
             multiprocess.MultiProcessCollector(self._shared, self._multiprocess)  # type: ignore[no-untyped-call]
             if source is not None:
-                self._mirror = _Mirror(self._source)
+                self._mirror = _process_mirror(self._source)
 
     def bind(self, source: Any) -> MetricsApp:
         """Export the node behind ``source`` (see :func:`find_manager`), found lazily.
@@ -434,7 +457,7 @@ class MetricsApp:
         """
         self._source.source = source
         if self._multiprocess is not None and self._mirror is None:
-            self._mirror = _Mirror(self._source)
+            self._mirror = _process_mirror(self._source)
         return self
 
     def render(self, accept: str | None, request_manager: Any = None) -> tuple[bytes, str]:
@@ -470,10 +493,16 @@ class _Combined:
             yield from self._registry.collect()
 
 
+_EXPOSITIONS: weakref.WeakKeyDictionary[SessionManager, MetricsApp] = weakref.WeakKeyDictionary()
+
+
 def exposition(manager: SessionManager, accept: str | None = None) -> tuple[bytes, str]:
     """``manager``'s metrics (plus prometheus_client's global registry) for an ``Accept``
     header: (body, content type). For a view function of any framework."""
-    return MetricsApp(manager).render(accept)
+    app = _EXPOSITIONS.get(manager)
+    if app is None:
+        app = _EXPOSITIONS[manager] = MetricsApp(manager)
+    return app.render(accept)
 
 
 def _wants_gzip(accept_encoding: str | None) -> bool:

@@ -86,12 +86,20 @@ def cluster_json() -> Any:
     return jsonify(clustersess.manager.status())
 
 
+try:
+    from clustersess import metrics
+except ImportError as exc:  # prometheus_client (the ``metrics`` extra) is not installed
+    metrics_missing = str(exc)
+else:
+    # Bound to this worker's node now, so in prometheus_client's multiprocess mode every
+    # worker mirrors its values from its start, not from the first scrape it gets.
+    metrics_app = metrics.wsgi_app(clustersess.manager)
+
+
 @app.get("/metrics")
 def prometheus_metrics() -> Any:
     """Prometheus metrics (needs prometheus_client: the ``metrics`` extra)."""
-    try:
-        from clustersess import metrics
-    except ImportError as exc:
-        return f"{exc}\n", 501, {"Content-Type": "text/plain; charset=utf-8"}
-    body, content_type = metrics.exposition(clustersess.manager, request.headers.get("Accept"))
+    if "metrics_app" not in globals():
+        return f"{metrics_missing}\n", 501, {"Content-Type": "text/plain; charset=utf-8"}
+    body, content_type = metrics_app.render(request.headers.get("Accept"))
     return body, 200, {"Content-Type": content_type}

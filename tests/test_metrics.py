@@ -199,10 +199,11 @@ def test_the_demo_nodes_serve_metrics_under_uvicorn_and_waitress(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("server", ["uvicorn", "gunicorn"], ids=["uvicorn --workers 2", "gunicorn -w 2 gthread Flask"])
 def test_multiprocess_mode_answers_for_every_worker_of_one_port(
-    redis_server: RedisServer, process_factory: Callable[..., ServerProcess], tmp_path: Any
+    server: str, redis_server: RedisServer, process_factory: Callable[..., ServerProcess], tmp_path: Any
 ) -> None:
-    """uvicorn --workers 2 on one port: whichever worker a scrape reaches reports both."""
+    """Two workers on one port: whichever worker a scrape reaches reports both."""
     import os
     import re
     import signal
@@ -217,7 +218,11 @@ def test_multiprocess_mode_answers_for_every_worker_of_one_port(
         "CLUSTERSESS_SECRET": TEST_SECRET, "CLUSTERSESS_REDIS_URL": redis_server.url, "CLUSTERSESS_NODE": "node1",
         "CLUSTERSESS_HEARTBEAT": "0.2", "CLUSTERSESS_DROP_TIME": "1.0", "PROMETHEUS_MULTIPROC_DIR": str(shared),
     })  # fmt: skip
-    cmd = [sys.executable, "-m", "uvicorn", "demo_app:app", "--workers", "2", "--port", str(port)]
+    if server == "uvicorn":
+        cmd = [sys.executable, "-m", "uvicorn", "demo_app:app", "--workers", "2", "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4",
+               "-b", f"127.0.0.1:{port}", "demo_app.wsgi:app"]  # fmt: skip
     proc = process_factory(cmd, port=port, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(12):  # new connections: the kernel spreads them over both workers
@@ -243,7 +248,7 @@ def test_multiprocess_mode_answers_for_every_worker_of_one_port(
     families = wait_until(settled, timeout=15, what="12 sessions created and owned in total")
     assert value(families, "clustersess_members", state="up") == 2
 
-    # A worker that dies leaves the live gauges (uvicorn starts a new one; nothing calls
+    # A worker that dies leaves the live gauges (the server starts a new one; nothing calls
     # prometheus_client's mark_process_dead for it: the exporter reaps it at a scrape).
     dead = int(info[0].labels["pid"])
     os.kill(dead, signal.SIGKILL)
