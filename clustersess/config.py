@@ -18,11 +18,15 @@ from .errors import ConfigError
 
 SameSite = Literal["lax", "strict", "none"]
 ReplicationMode = Literal["sync", "async"]
+FailureMode = Literal["serve", "refuse"]
 
 ROUTE_RE = re.compile(r"[A-Za-z0-9_]{1,32}")
 COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")
+#: no ':' (it separates the parts of channel and key names, so no cluster's channel can
+#: be another's) and no braces (Redis Cluster hash tags)
+CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: a zone names a failure domain (a machine by default: its host name)
-ZONE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
+ZONE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 #: environment variable -> (config field, parser)
 ENV_VARS: dict[str, str] = {
@@ -36,6 +40,7 @@ ENV_VARS: dict[str, str] = {
     "CLUSTERSESS_DROP_TIME": "drop_time",
     "CLUSTERSESS_REPLICATION": "replication",
     "CLUSTERSESS_ACK_TIMEOUT": "ack_timeout",
+    "CLUSTERSESS_ON_REPLICATION_FAILURE": "on_replication_failure",
     "CLUSTERSESS_CLUSTER": "cluster_name",
     "CLUSTERSESS_HTTPS_ONLY": "https_only",
     "CLUSTERSESS_GC_FREEZE": "gc_freeze",
@@ -63,6 +68,9 @@ class Config:
         replication: ``"sync"`` waits for the backup's ack before the response is sent
             (Tomcat's channelSendOptions=6); ``"async"`` does not wait.
         ack_timeout: the longest a response waits for that ack.
+        on_replication_failure: what a write gets when it cannot be confirmed replicated
+            (the node is fenced, the ack timed out or was refused): ``"serve"`` (default)
+            answers from memory and replicates later; ``"refuse"`` answers 503.
         notify_listeners_on_replication: also fire session listeners on backup nodes.
         gc_freeze: once the application has started, run one full garbage collection
             and freeze what survives (:mod:`clustersess.heap` says why); once per process.
@@ -94,6 +102,7 @@ class Config:
     drop_time: float = 3.0
     replication: ReplicationMode = "sync"
     ack_timeout: float = 1.0
+    on_replication_failure: FailureMode = "serve"
     notify_listeners_on_replication: bool = False
     gc_freeze: bool = True
     zone: str = ""
@@ -127,8 +136,17 @@ class Config:
             )
         if not self.path.startswith("/"):
             raise ConfigError(f"cookie path must start with '/', not {self.path!r}")
-        if not self.cluster_name or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.cluster_name):
-            raise ConfigError(f"cluster name {self.cluster_name!r} is invalid (CLUSTERSESS_CLUSTER)")
+        if self.on_replication_failure not in get_args(FailureMode):
+            raise ConfigError(
+                f"on_replication_failure must be 'serve' or 'refuse', not {self.on_replication_failure!r} "
+                "(CLUSTERSESS_ON_REPLICATION_FAILURE)"
+            )
+        if not CLUSTER_NAME_RE.fullmatch(self.cluster_name or ""):
+            raise ConfigError(
+                f"cluster name {self.cluster_name!r} is invalid (CLUSTERSESS_CLUSTER): use 1-64 characters "
+                "from A-Z a-z 0-9 _ . - (no ':', which separates the parts of channel names, so that one "
+                "cluster's channels can never be another's; no braces)"
+            )
         for name in ("max_inactive", "heartbeat_interval", "drop_time", "ack_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -142,11 +160,18 @@ class Config:
             raise ConfigError("max_age must be >= 0 seconds or None")
         if self.max_session_size < 64:
             raise ConfigError("max_session_size must be at least 64 bytes")
+        from .cluster.wire import MAX_SESSION_BYTES
+
+        if self.max_session_size > MAX_SESSION_BYTES:
+            raise ConfigError(
+                f"max_session_size must be at most {MAX_SESSION_BYTES} bytes: a session must fit in one "
+                "replication message"
+            )
         if not self.zone:
             object.__setattr__(self, "zone", socket.gethostname())
         if not ZONE_RE.fullmatch(self.zone):
             raise ConfigError(
-                f"zone {self.zone!r} is invalid: use 1-255 characters from A-Z a-z 0-9 _ . : - "
+                f"zone {self.zone!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . : - "
                 "(set CLUSTERSESS_ZONE or zone=...; the default is the host name)"
             )
         if self.redis_url is not None and not re.match(r"(rediss?|unix)://", self.redis_url):

@@ -46,3 +46,16 @@ class SessionTooLarge(ClusterSessError, ValueError):
 
 class DuplicateNodeError(ClusterSessError):
     """Another live node already uses this node name in the same cluster."""
+
+
+class ReplicationUnavailable(ClusterSessError):
+    """A write could not be confirmed replicated, and the node is configured to refuse
+    such writes (``on_replication_failure="refuse"``): the request is answered 503."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"the session change could not be replicated ({reason}); it was answered 503. "
+            "Set on_replication_failure='serve' (CLUSTERSESS_ON_REPLICATION_FAILURE) to answer "
+            "from memory instead."
+        )

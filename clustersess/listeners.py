@@ -33,3 +33,7 @@ class SessionListener:
 
     def destroyed(self, event: SessionEvent, reason: DestroyReason) -> None:
         pass
+
+    def conflict(self, event: SessionEvent, discarded: list[dict[str, Any]]) -> None:
+        """Both sides of a split wrote to this session; ``event.data`` won (on every node
+        alike, by a deterministic rule) and ``discarded`` holds the data that lost."""

@@ -14,17 +14,17 @@ import gc
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import codec, heap, ids
+from . import codec, heap, ids, tasks, versions
 from .clock import Clock, SystemClock
 from .config import Config
-from .errors import SessionTooLarge, SessionValueError
+from .errors import ReplicationUnavailable, SessionTooLarge, SessionValueError
 from .listeners import DestroyReason, SessionEvent, SessionListener
 from .session import Entry, Session
 from .stats import Stats
 from .store import LocalStore
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cluster.node import ClusterNode
+    from .cluster.health import Health
     from .cluster.transport import Transport
 
 log = logging.getLogger("clustersess")
@@ -34,16 +34,22 @@ DELETE_COOKIE = ""
 
 
 class Replicator(Protocol):
-    """What the manager needs from the cluster layer (``None`` on a single node)."""
+    """What the manager needs from the cluster layer (``None`` on a single node);
+    :class:`clustersess.cluster.ClusterNode` implements it."""
 
-    async def run(self) -> None: ...
+    def start_tasks(self, tg: asyncio.TaskGroup) -> None: ...
+    async def wait_ready(self) -> None: ...
     async def stop(self) -> None: ...
-    async def acquire(self, token: str, route: str) -> Entry | None: ...
-    async def replicate(self, entry: Entry) -> None: ...
-    def buried(self, tokens: list[str], reason: DestroyReason) -> None: ...
-    async def settle(self) -> None: ...
-    #: invalidations waiting to be published; :meth:`settle` waits for them. Changed
-    #: only in place: the manager binds the list once and checks it on every request.
+    async def acquire(self, token: str) -> Entry | None: ...
+    async def replicate(self, entry: Entry) -> bool: ...
+    def can_replicate(self) -> bool: ...
+    def buried(self, tokens: dict[str, str | None]) -> None: ...
+    async def settle(self) -> bool: ...
+    def reclaim(self, entry: Entry) -> None: ...
+    def health(self) -> Health: ...
+    def status(self) -> dict[str, Any]: ...
+    #: logouts waiting for acknowledgement; :meth:`settle` waits for them. Changed only
+    #: in place: the manager binds the list once and checks it on every request.
     unsettled: list[Any]
 
 
@@ -90,11 +96,15 @@ class SessionManager:
         self.store = LocalStore()
         self.signer = ids.CookieSigner(config.secret_key, route=config.node_name)
         self.listeners = list(listeners or [])
-        self.cluster: ClusterNode | None = None
+        self.cluster: Replicator | None = None
         if transport is not None or config.redis_url is not None:
             from .cluster.node import ClusterNode
 
-            self.cluster = ClusterNode(self, transport)
+            self.cluster = ClusterNode(
+                config, stats=self.stats, store=self.store, events=_Events(self), clock=self.clock, transport=transport
+            )
+        self._refuse = config.on_replication_failure == "refuse"
+        self.tasks: dict[str, tasks.TaskInfo] = {}
         self._runner: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         # Looked up on every request: bound once (LocalStore never rebinds its dicts).
@@ -155,11 +165,16 @@ class SessionManager:
 
     async def _run(self) -> None:
         # One task group owns every background task; cancelling it is the shutdown path.
+        # Each task is supervised: an error restarts it (logged, counted, in status()).
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._sweeper(), name="clustersess-sweeper")
+            info = self.tasks["sweeper"] = tasks.TaskInfo("sweeper")
+            tg.create_task(tasks.supervise(info, self._sweeper, on_error=self._task_failed), name="clustersess-sweeper")
             if self.cluster is not None:
                 self.cluster.start_tasks(tg)
             self._started.set()
+
+    def _task_failed(self) -> None:
+        self.stats.task_restarts += 1
 
     async def _sweeper(self) -> None:
         while True:
@@ -167,12 +182,30 @@ class SessionManager:
             self.sweep()
 
     def sweep(self) -> None:
-        """Expire idle sessions and copies now (the sweeper calls this periodically)."""
-        expired, _ = self.store.sweep(self.clock.time(), self.config.max_inactive)
+        """Expire idle sessions and copies now (the sweeper calls this periodically).
+
+        Expiry needs no cluster-wide tombstone: idle times travel as durations, so every
+        copy of a session expires by itself, and none can come back.
+        """
+        expired, copies = self.store.sweep(self.clock.time(), self.config.max_inactive)
         for entry in expired:
             self._destroyed(entry, "expired")
-        if expired and self.cluster is not None:
-            self.cluster.buried([e.token for e in expired], "expired")
+        if copies and self.config.notify_listeners_on_replication:
+            for copy in copies:
+                self._destroyed(copy, "expired", replicated=True)
+
+    def health(self) -> Health:
+        """Readiness for a load balancer: ``ok`` while this node may take traffic.
+
+        A single node is always ok. A clustered node is not while it is fenced (cut off
+        from Redis or from its own heartbeats, lease not held), joining, rejoining after
+        its sessions were adopted, or stopping; ``reason`` says which.
+        """
+        if self.cluster is None:
+            from .cluster.health import Health
+
+            return Health(True, "single")
+        return self.cluster.health()
 
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot for status pages: this node, its members and counters."""
@@ -187,9 +220,13 @@ class SessionManager:
             "stats": self.stats.as_dict(),
             # objects the cyclic GC no longer walks (gc_freeze; 0 when off)
             "gc_frozen_objects": gc.get_freeze_count(),
+            "health": self.health().as_dict(),
         }
         if self.cluster is not None:
             info.update(self.cluster.status())
+            info["tasks"] = {**{n: t.as_dict() for n, t in self.tasks.items()}, **info["tasks"]}
+        else:
+            info["tasks"] = {n: t.as_dict() for n, t in self.tasks.items()}
         return info
 
     # -- request path -------------------------------------------------------------------
@@ -270,7 +307,7 @@ class SessionManager:
             # Not ours (or the client's cookie names another owner): the cluster may hold
             # a newer copy. On a single node, a local copy is the only copy.
             if self.cluster is not None:
-                entry = await self.cluster.acquire(token, route)
+                entry = await self.cluster.acquire(token)
             elif entry is None:
                 return None
         if entry is None:
@@ -279,8 +316,6 @@ class SessionManager:
             if entry.inflight == 0:
                 self.store.owned.pop(token, None)
                 self._destroyed(entry, "expired")
-                if self.cluster is not None:
-                    self.cluster.buried([token], "expired")
             return None
         entry.last_accessed = now
         return entry
@@ -299,14 +334,35 @@ class SessionManager:
         """
         if self.close_local(handle):
             return None
-        changed = self._commit(handle)
         cluster = self.cluster
+        if cluster is not None and self._refuse and not cluster.can_replicate() and self._would_change(handle):
+            # Fenced, and configured to refuse: nothing is stored, the request gets 503.
+            self.abandon(handle)
+            self.stats.writes_refused += 1
+            raise ReplicationUnavailable("this node is fenced: " + cluster.health().reason)
+        changed = self._commit(handle)
         if cluster is not None:
+            ok = True
             if changed:
-                await cluster.replicate(handle.session._entry)
+                ok = await cluster.replicate(handle.session._entry)
             if self._unsettled:
-                await cluster.settle()
+                ok = await cluster.settle() and ok
+            if not ok:
+                self.stats.writes_unreplicated += 1
+                if self._refuse:
+                    self.stats.writes_refused += 1
+                    raise ReplicationUnavailable("the backup did not confirm it in time")
         return self._cookie_out(handle, changed)
+
+    def _would_change(self, handle: Handle) -> bool:
+        """Whether committing ``handle`` might store something (cheap, conservative)."""
+        session = handle.session
+        entry = session._entry
+        if session._killed or entry.dirty or self._unsettled:
+            return True
+        if entry.version == 0:
+            return bool(session)
+        return not session._clean
 
     def close_nowait(self, handle: Handle) -> str | None:
         """:meth:`close` for a node without a cluster, where nothing needs awaiting.
@@ -396,6 +452,7 @@ class SessionManager:
                 self.cluster.reclaim(entry)
         entry.payload = payload
         entry.version += 1
+        entry.vv = versions.bump(entry.vv, self.node)
         self.stats.commits += 1
         if entry.version == 1:
             self.store.owned[entry.token] = entry
@@ -424,7 +481,7 @@ class SessionManager:
             entry.dirty = True
             session._clean = False
             if self.cluster is not None:
-                self.cluster.buried([old], "invalidated")
+                self.cluster.buried({old: entry.backup})
 
     def invalidate(self, session: Session) -> None:
         entry = session._entry
@@ -433,7 +490,7 @@ class SessionManager:
             self.stats.sessions_invalidated += 1
             self._destroyed(entry, "invalidated", dict(session))
             if self.cluster is not None:
-                self.cluster.buried([entry.token], "invalidated")
+                self.cluster.buried({entry.token: entry.backup})
         # The object starts over as a brand-new session with a fresh token.
         now = self.clock.time()
         fresh = Entry(token=ids.new_token(), owner=self.node, created=now, last_accessed=now)
@@ -461,8 +518,10 @@ class SessionManager:
                 self.stats.listener_errors += 1
                 log.exception("session listener %r failed in %s()", listener, hook)
 
-    def _destroyed(self, entry: Entry, reason: DestroyReason, data: dict[str, Any] | None = None, *, replicated: bool = False) -> None:
-        if reason == "expired":
+    def _destroyed(
+        self, entry: Entry, reason: DestroyReason, data: dict[str, Any] | None = None, *, replicated: bool = False
+    ) -> None:
+        if reason == "expired" and not replicated:
             self.stats.sessions_expired += 1
         if not self.listeners:
             return
@@ -475,3 +534,36 @@ class SessionManager:
             except Exception:
                 self.stats.listener_errors += 1
                 log.exception("session listener %r failed in destroyed()", listener)
+
+
+class _Events:
+    """The manager's side of :class:`clustersess.cluster.context.SessionEvents`."""
+
+    __slots__ = ("_manager",)
+
+    def __init__(self, manager: SessionManager) -> None:
+        self._manager = manager
+
+    def replicated(self, copy: Entry, created: bool) -> None:
+        mg = self._manager
+        if mg.config.notify_listeners_on_replication:
+            mg._fire("created" if created else "changed", copy, replicated=True)
+
+    def destroyed(self, entry: Entry, reason: DestroyReason) -> None:
+        mg = self._manager
+        if mg.config.notify_listeners_on_replication:
+            mg._destroyed(entry, reason, replicated=True)
+
+    def conflict(self, winner: Entry, discarded: list[bytes]) -> None:
+        mg = self._manager
+        if not mg.listeners:
+            return
+        data = codec.decode(winner.payload)
+        event = SessionEvent(winner.session_id, mg.node, False, data)
+        lost = [codec.decode(p) for p in discarded]
+        for listener in mg.listeners:
+            try:
+                listener.conflict(event, lost)
+            except Exception:
+                mg.stats.listener_errors += 1
+                log.exception("session listener %r failed in conflict()", listener)

@@ -24,8 +24,8 @@ What is exported (all names start with ``clustersess_``):
   REPLICATE to its ack);
 * gauges from :meth:`SessionManager.status`: ``sessions_owned``, ``sessions_backed_up``,
   ``tombstones``, ``pending_replication``, ``members{state}``, ``zones``,
-  ``redis_connected``, ``healthy``, ``gc_frozen_objects``, and ``node_info{node, zone,
-  incarnation, replication}``.
+  ``redis_connected``, ``lease_remaining_seconds``, ``gc_frozen_objects``, ``healthy``
+  (:meth:`SessionManager.health`), and ``node_info{node, zone, incarnation, replication}``.
 
 Several workers on one machine: in the fast layout (``clustersess node --workers N``) each
 worker has its own port, so Prometheus scrapes each as a target of its own and nothing
@@ -103,7 +103,7 @@ _HELP: dict[str, str] = {
     "ack_latency": "Seconds from publishing a REPLICATE to its ack",
 }
 
-_MEMBER_STATES = ("up", "suspect")
+_MEMBER_STATES = ("up", "suspected", "leaving")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +151,7 @@ def snapshot(manager: SessionManager) -> Snapshot:
     zones.add(zone)
     clustered = bool(status.get("clustered"))
     connected = bool(status.get("connected", True))
+    health = manager.health()
     gauges: dict[str, float] = {
         "sessions_owned": status.get("sessions_owned", 0),
         "sessions_backed_up": status.get("sessions_backed_up", 0),
@@ -158,12 +159,14 @@ def snapshot(manager: SessionManager) -> Snapshot:
         "pending_replication": status.get("pending_replication", 0),
         "zones": len(zones),
         "gc_frozen_objects": status.get("gc_frozen_objects", 0),
-        # The node's health as status() reports it: a single node is healthy while it runs;
-        # a clustered one while it is connected to Redis (replication and takeovers need it).
-        "healthy": 1.0 if connected or not clustered else 0.0,
+        # manager.health(): what a load balancer should know (a clustered node is not ok
+        # while fenced, joining, rejoining or stopping)
+        "healthy": 1.0 if health.ok else 0.0,
     }
     if clustered:
         gauges["redis_connected"] = 1.0 if connected else 0.0
+        if isinstance(status.get("lease_remaining"), (int, float)):
+            gauges["lease_remaining_seconds"] = float(status["lease_remaining"])
     info = {
         "node": str(status.get("node", manager.node)),
         "zone": zone,
@@ -180,7 +183,8 @@ _GAUGE_HELP = {
     "pending_replication": "Owned sessions whose latest version no backup has acknowledged yet",
     "zones": "Distinct zones among the live members (1: no backup can leave the zone)",
     "gc_frozen_objects": "Objects frozen out of the cyclic GC at start-up (gc_freeze)",
-    "healthy": "1 while the node can do its work (connected to Redis when clustered)",
+    "healthy": "1 while manager.health() is ok (a clustered node: not fenced, joining or stopping)",
+    "lease_remaining_seconds": "Seconds left on this node's name lease in Redis",
     "redis_connected": "1 while connected to Redis",
 }
 
@@ -419,7 +423,8 @@ def _process_mirror(source: _Source) -> _Mirror:
 def _mirror_gauge(name: str) -> Gauge:
     # Sessions add up over a machine's workers; what every worker sees alike (zones) is the
     # same from each; the machine is healthy only if every worker is.
-    mode = {"healthy": "livemin", "redis_connected": "livemin", "zones": "livemax", "tombstones": "livemax"}
+    mode = {"healthy": "livemin", "redis_connected": "livemin", "lease_remaining_seconds": "livemin",
+            "zones": "livemax", "tombstones": "livemax"}  # fmt: skip
     return Gauge(f"{PREFIX}_{name}", _GAUGE_HELP.get(name, name), registry=None,
                  multiprocess_mode=mode.get(name, "livesum"))  # type: ignore[arg-type]  # fmt: skip
 

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import codec, ids
+from . import codec, ids, versions
 
 if TYPE_CHECKING:  # pragma: no cover
     from .manager import SessionManager
@@ -35,14 +35,12 @@ class Entry:
     dirty: bool = False
     #: the node that holds this session's backup copy, as of the last replication
     backup: str | None = None
+    #: writes per node name (see :mod:`clustersess.versions`); ``version`` is their sum
+    vv: versions.VV = ()
 
     @property
     def session_id(self) -> str:
         return ids.make_id(self.token, self.owner)
-
-    def order(self) -> tuple[int, int]:
-        """Newer copies compare greater: first by ownership epoch, then by version."""
-        return (self.epoch, self.version)
 
 
 class Session(dict[str, Any]):

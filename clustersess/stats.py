@@ -73,11 +73,37 @@ class Stats:
     messages_dropped_malformed: int = 0
     messages_dropped_stale: int = 0
     messages_dropped_replay: int = 0
+    #: authentic, but published on another channel or by another cluster than it names
+    messages_dropped_channel: int = 0
+    #: larger than the protocol's MAX_MESSAGE (dropped before any MAC work)
+    messages_dropped_oversize: int = 0
+    #: from an incarnation that is not (or not yet) the holder of its name
+    messages_dropped_unknown_member: int = 0
+    handler_errors: int = 0
     gaps_detected: int = 0
+    #: resync requests answered (as an owner) and sent (after a gap of our own)
     resyncs: int = 0
+    resyncs_requested: int = 0
+    #: sessions sent again because a backup's digest differed
+    resync_sessions_sent: int = 0
     replications_sent: int = 0
     replications_applied: int = 0
     ack_timeouts: int = 0
+    #: a backup refused a state (superseded, diverged or dead)
+    acks_refused: int = 0
+    #: writes answered without being confirmed replicated (fenced, timeout, refusal)
+    writes_unreplicated: int = 0
+    #: writes answered 503 instead (on_replication_failure="refuse")
+    writes_refused: int = 0
+    #: copies with writes on both sides of a split; one side's data was discarded
+    conflicts: int = 0
+    takeovers_unconfirmed: int = 0
+    reclaims: int = 0
+    stepped_down: int = 0
+    members_suspected: int = 0
+    rejoins: int = 0
+    watchdog_resets: int = 0
+    task_restarts: int = 0
     publish_errors: int = 0
     requeued: int = 0
     redis_reconnects: int = 0

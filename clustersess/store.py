@@ -21,22 +21,27 @@ class LocalStore:
         until = self.tombstones.get(token)
         return until is not None and until > now
 
-    def bury(self, token: str, until: float) -> None:
-        """Kill ``token``: drop every copy and refuse it until ``until``."""
+    def bury(self, token: str, until: float, *, extend: bool = True) -> None:
+        """Kill ``token``: drop every copy and refuse it until ``until``.
+
+        With ``extend=False`` (a tombstone announced by another node) a tombstone already
+        held keeps its expiry: announcing one again never makes it live longer.
+        """
         self.owned.pop(token, None)
         self.backups.pop(token, None)
-        if self.tombstones.get(token, 0.0) < until:
+        held = self.tombstones.get(token)
+        if held is None or (extend and held < until):
             self.tombstones[token] = until
 
-    def sweep(self, now: float, max_inactive: float) -> tuple[list[Entry], int]:
-        """Remove what has expired; returns (expired owned entries, expired backup count)."""
+    def sweep(self, now: float, max_inactive: float) -> tuple[list[Entry], list[Entry]]:
+        """Remove what has expired; returns (expired owned entries, expired copies)."""
         limit = now - max_inactive
         expired = [e for e in self.owned.values() if e.last_accessed < limit and e.inflight == 0]
         for e in expired:
             del self.owned[e.token]
-        stale = [t for t, e in self.backups.items() if e.last_accessed < limit]
-        for t in stale:
-            del self.backups[t]
+        stale = [e for e in self.backups.values() if e.last_accessed < limit]
+        for e in stale:
+            del self.backups[e.token]
         for t in [t for t, until in self.tombstones.items() if until <= now]:
             del self.tombstones[t]
-        return expired, len(stale)
+        return expired, stale

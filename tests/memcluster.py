@@ -10,6 +10,7 @@ The real-process counterpart is ``tests/cluster_utils.py``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,8 +26,8 @@ from tests.utils import TEST_SECRET, async_wait_until
 #: short membership timing so failures are detected in a fraction of a second
 FAST: dict[str, Any] = {
     "secret_key": TEST_SECRET,
-    "heartbeat_interval": 0.03,
-    "drop_time": 0.2,
+    "heartbeat_interval": 0.05,
+    "drop_time": 0.5,
     "ack_timeout": 0.3,
     "max_inactive": 600.0,
 }
@@ -124,12 +125,17 @@ class Peer:
         self.bus = bus
         self.auto_ack = auto_ack
         self.name = name
-        self.codec = Codec((secret,))
+        self.codec = Codec((secret,), cluster)
         self.incarnation = new_incarnation()
         self.prefix = cluster
         self.seq: dict[str, int] = {}
         self.received: list[m.Envelope] = []
         bus.subscribers.setdefault(self.channel(name), []).append(self._receive)
+        self.claim()
+
+    def claim(self, incarnation: str | None = None) -> None:
+        """Hold our name's claim in the bus, as a real node does before it speaks."""
+        self.bus.set(f"{self.prefix}:claim:{{{self.name}}}", incarnation or self.incarnation)
 
     def channel(self, node: str) -> str:
         return f"{self.prefix}:node:{node}"
@@ -139,17 +145,24 @@ class Peer:
         return f"{self.prefix}:all"
 
     def _receive(self, channel: str, raw: bytes) -> None:
-        env = self.codec.decode(raw)
+        env = self.codec.decode(channel, raw)
         self.received.append(env)
         if self.auto_ack and isinstance(env.body, m.Replicate):
             back = self.channel(env.src)
             self.bus.inject(back, self.encode(back, m.Ack(env.seq)))
 
-    def encode(self, channel: str, body: m.Body, *, seq: int | None = None, inc: str | None = None) -> bytes:
+    def encode(
+        self, channel: str, body: m.Body, *, seq: int | None = None, inc: str | None = None, named: str | None = None
+    ) -> bytes:
+        """A frame of ``body`` for ``channel`` (``named``: the channel the frame claims)."""
         if seq is None:
             seq = self.seq.get(channel, 0) + 1
         self.seq[channel] = max(seq, self.seq.get(channel, 0))
-        return self.codec.encode(m.Envelope(self.name, inc or self.incarnation, seq, body))
+        env = m.Envelope(self.prefix, named or channel, self.name, inc or self.incarnation, seq, body)
+        return self.codec.encode(env)
+
+    def heartbeat(self, hello: bool = False) -> m.Heartbeat:
+        return m.Heartbeat("peer:1", 0, 0, time.time(), hello)
 
     async def send(self, channel: str, body: m.Body, **kw: Any) -> bytes:
         raw = self.encode(channel, body, **kw)

@@ -252,7 +252,7 @@ def test_zone_defaults_to_the_host_name_and_comes_from_the_environment() -> None
     assert Config.from_env({"CLUSTERSESS_SECRET": "s"}, zone="eu-west-1a").zone == "eu-west-1a"
 
 
-@pytest.mark.parametrize("zone", ["rack 1", "a/b", "x" * 256, "zöne"])
+@pytest.mark.parametrize("zone", ["rack 1", "a/b", "x" * 65, "zöne"])
 def test_bad_zone_is_a_clear_error(zone: str) -> None:
     with pytest.raises(ConfigError) as info:
         Config(secret_key="s", zone=zone)

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 
-from clustersess import SessionManager
+from clustersess import SessionManager, versions
 from clustersess.cluster import messages as m
 from clustersess.cluster.membership import pick_backup
+from clustersess.cluster.wire import Codec
 from clustersess.manager import DELETE_COOKIE
 from clustersess.session import Entry
 from tests.listeners import Recorder
-from tests.memcluster import Cluster, Peer, cluster, delivered, eventually, read, route_of, token_of, write
+from tests.memcluster import FAST, Cluster, Peer, cluster, delivered, eventually, read, route_of, token_of, write
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -174,53 +175,60 @@ async def test_listeners_fire_on_the_backup_only_when_asked(cluster: Cluster) ->
 
 
 # -- takeover -------------------------------------------------------------------------------
-def copy_of(cluster: Cluster, token: str, owner: str, epoch: int, version: int, data: dict[str, Any]) -> Entry:
+def copy_of(
+    cluster: Cluster, token: str, owner: str, epoch: int, vv: dict[str, int], data: dict[str, Any]
+) -> Entry:
     now = cluster.clock.time()
     return Entry(
-        token=token, owner=owner, created=now - 10, last_accessed=now, epoch=epoch, version=version,
-        payload=json.dumps(data, separators=(",", ":")).encode(),
+        token=token, owner=owner, created=now - 10, last_accessed=now, epoch=epoch, version=sum(vv.values()),
+        payload=json.dumps(data, separators=(",", ":")).encode(), vv=versions.from_dict(vv),
     )
 
 
 @pytest.mark.parametrize(
-    "copies, winner",
+    "copies, winner, conflicts",
     [
-        # node: (table, epoch, version)
-        ({"n2": ("owned", 2, 5), "n3": ("backups", 2, 4)}, "n2"),  # same epoch: higher version
-        ({"n2": ("backups", 1, 9), "n3": ("backups", 2, 1)}, "n3"),  # the epoch counts first
-        ({"n1": ("backups", 3, 1), "n2": ("owned", 2, 8)}, "n1"),  # our own copy is the newest
-        ({"n2": ("owned", 0, 1), "n3": ("owned", 4, 2), "n1": ("backups", 4, 1)}, "n3"),
+        # node: (table, epoch, version vector)
+        ({"n2": ("owned", 2, {"n2": 5}), "n3": ("backups", 2, {"n2": 4})}, "n2", 0),  # more writes
+        # an adoption (epoch 2, no write) never outranks a newer write (epoch 1)
+        ({"n2": ("backups", 1, {"n1": 9}), "n3": ("backups", 2, {"n1": 3})}, "n2", 0),
+        ({"n1": ("backups", 3, {"n1": 2, "n2": 8}), "n2": ("owned", 2, {"n2": 8})}, "n1", 0),  # ours is newest
+        # writes on both sides of a split: more writes win, reported as a conflict
+        ({"n2": ("owned", 1, {"n1": 3, "n2": 2}), "n3": ("owned", 2, {"n1": 3, "n3": 1})}, "n2", 1),
     ],
-    ids=["version", "epoch", "local", "three"],
+    ids=["version", "adoption-never-beats-a-write", "local", "conflict"],
 )
-async def test_takeover_picks_the_newest_epoch_then_version(
-    cluster: Cluster, copies: dict[str, tuple[str, int, int]], winner: str
+async def test_takeover_picks_the_copy_with_the_newest_writes(
+    cluster: Cluster, copies: dict[str, tuple[str, int, dict[str, int]]], winner: str, conflicts: int
 ) -> None:
     n1, _, _ = await cluster.start("n1", "n2", "n3")
     token = token_of(n1, await write(n1, None, probe=1))
     for mg in cluster.nodes.values():  # forget the probe; plant the crafted copies
         mg.store.owned.pop(token, None)
         mg.store.backups.pop(token, None)
-    for node, (table, epoch, version) in copies.items():
-        entry = copy_of(cluster, token, node, epoch, version, {"from": node, "e": epoch, "n": version})
+    for node, (table, epoch, vv) in copies.items():
+        entry = copy_of(cluster, token, node, epoch, vv, {"from": node, "e": epoch})
         getattr(cluster.nodes[node].store, table)[token] = entry
     cookie = n1.signer.cookie_value(token, "n2")  # the client was last served by n2
 
     data, new, cookie = await read(n1, cookie)
-    _, epoch, version = copies[winner]
+    _, epoch, vv = copies[winner]
     assert not new
-    assert data == {"from": winner, "e": epoch, "n": version}
+    assert data == {"from": winner, "e": epoch}
     assert route_of(cookie) == "n1"
     entry = n1.store.owned[token]
-    assert (entry.epoch, entry.version, entry.owner) == (epoch + 1, version, "n1")
+    merged = versions.merge(versions.from_dict(c[2]) for c in copies.values())
+    assert entry.vv == (merged if conflicts else versions.from_dict(vv))
+    assert (entry.epoch, entry.owner) == (max(c[1] for c in copies.values()) + 1, "n1")
+    assert n1.stats.conflicts == conflicts
     assert n1.stats.takeovers == 1
     # the others gave up ownership; the new backup gets the new epoch
     assert [n for n, mg in cluster.nodes.items() if token in mg.store.owned] == ["n1"]
     backup = cluster.nodes[entry.backup]  # type: ignore[index]
-    await eventually(lambda: token in backup.store.backups and backup.store.backups[token].epoch == epoch + 1)
+    await eventually(lambda: token in backup.store.backups and backup.store.backups[token].epoch == entry.epoch)
     # and a write there lands on top of the winner's data
     await write(n1, cookie, more=True)
-    assert json.loads(backup.store.backups[token].payload) == {"from": winner, "e": epoch, "n": version, "more": True}
+    assert json.loads(backup.store.backups[token].payload) == {"from": winner, "e": epoch, "more": True}
 
 
 async def test_request_on_another_node_takes_over_and_round_robin_keeps_counting(cluster: Cluster) -> None:
@@ -256,7 +264,7 @@ async def test_invalidate_tombstones_everywhere_and_late_replicate_is_dropped(cl
 
     # a REPLICATE that was in flight (or replayed by someone with the key) arrives late
     peer = Peer(cluster.bus)
-    late = m.SessionState(token, "n1", 7, 9, now - 5, now, '{"secret":"x"}')
+    late = m.SessionState(token, "n1", 7, ("n1", 9), 5.0, 0.0, b'{"secret":"x"}')
     for mg in (n1, n2, n3):
         stale = mg.stats.messages_dropped_stale
         await peer.send(peer.channel(mg.node), m.Replicate((late,)))
@@ -298,7 +306,7 @@ async def test_rotate_kills_the_old_token_on_every_node(cluster: Cluster) -> Non
     assert is_new and data == {}
 
 
-async def test_expiry_is_broadcast_and_reads_keep_the_backup_alive(cluster: Cluster) -> None:
+async def test_expiry_needs_no_broadcast_and_reads_keep_the_backup_alive(cluster: Cluster) -> None:
     listener = Recorder()
     # max_inactive is fake time; the owner's coalesced ACCESSED flush runs every 50 ms
     n1 = await cluster.add("n1", max_inactive=0.4, sweep_interval=3600)
@@ -315,9 +323,15 @@ async def test_expiry_is_broadcast_and_reads_keep_the_backup_alive(cluster: Clus
         n2.sweep()
         assert token in n2.store.backups
     cluster.clock.advance(0.5)
-    n1.sweep()  # the owner expires it and tells the cluster
-    await eventually(lambda: token not in n2.store.backups, what="expiry broadcast")
-    assert n2.store.is_dead(token, cluster.clock.time())
+    published = len(cluster.bus.published)
+    n1.sweep()  # the owner expires it...
+    n2.sweep()  # ...and the backup its copy, by itself: idle times travel as durations
+    await delivered()
+    assert token not in n1.store.owned and token not in n2.store.backups
+    codec = Codec((FAST["secret_key"],), "clustersess")
+    sent = [codec.decode(ch, raw).body for ch, raw in cluster.bus.published[published:]]
+    assert not [b for b in sent if isinstance(b, m.Invalidate)]  # no cluster-wide tombstone for an expiry
+    assert not n1.store.tombstones and not n2.store.tombstones
     assert [(k, why) for k, _, why in listener.events] == [("created", None), ("destroyed", "expired")]
     assert (await read(n2, cookie))[1]  # new session
 
@@ -331,9 +345,9 @@ async def test_one_pass_sends_access_times_of_the_sessions_used_since_the_last(c
     await eventually(lambda: len(n2.store.backups) == 2, what="both backed up")
     cluster.clock.advance(10)
     since = cluster.clock.time()
-    assert n1.cluster.send_accesses(since) == 0  # nothing used yet: nothing sent
+    assert n1.cluster.replication.send_accesses(since) == 0  # nothing used yet: nothing sent
     await read(n1, used)
-    assert n1.cluster.send_accesses(since) == 1
+    assert n1.cluster.replication.send_accesses(since) == 1
     await eventually(lambda: n2.store.backups[token_of(n1, used)].last_accessed == since, what="ACCESSED")
     assert n2.store.backups[token_of(n1, idle)].last_accessed == since - 10
 

@@ -6,11 +6,12 @@ of a zone SIGKILLed at once, is ``test_zone_failover.py``.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from clustersess.cluster import messages as m
 from clustersess.cluster.membership import Membership
-from clustersess.cluster.placement import choose_backup
 from tests.memcluster import Cluster, Peer, cluster, eventually, read, token_of, write
 
 pytestmark = pytest.mark.timeout(30)
@@ -20,38 +21,18 @@ __all__ = ["cluster"]  # the fixture
 ZONES = {"a1": "zoneA", "a2": "zoneA", "b1": "zoneB", "b2": "zoneB"}
 
 
-def test_heartbeat_carries_the_zone_and_older_heartbeats_still_parse() -> None:
-    beat = m.Heartbeat("host:1", 3, 4, False, "rack-1")
-    assert m.Heartbeat.from_json(beat.to_json()) == beat
-    old = {"addr": "host:1", "owned": 3, "backups": 4, "hello": False}  # a node of an older release
-    assert m.Heartbeat.from_json(old).zone == ""
-    for bad in (7, "rack 1", "x" * 300):
-        with pytest.raises(m.Malformed):
-            m.Heartbeat.from_json({**old, "zone": bad})
-
-
-def test_membership_remembers_zones_and_answers_for_a_dead_owner() -> None:
-    table = Membership("a1", 3.0, zone="zoneA")
-    table.heard("a2", "i1", 0.0, zone="zoneA")
-    table.heard("b1", "i1", 0.0, zone="zoneB")
-    table.heard("b2", "i1", 0.0)  # not a heartbeat: zone not known yet
-    assert table.members["b2"].zone == ""
-    table.heard("b2", "i1", 0.1, zone="zoneB")  # remembered; the node updates the member (and rebalances)
-    assert table.zone_of("b2") == "zoneB" and table.members["b2"].zone == ""
-    table.members["b2"].zone = "zoneB"
-    assert [table.zone_of(n) for n in ("a1", "a2", "b1")] == ["zoneA", "zoneA", "zoneB"]
+def test_the_member_table_places_backups_in_another_zone() -> None:
+    table = Membership("a1", zone="zoneA")
+    for name in ("a2", "b1", "b2"):
+        member, _ = table.admit(name, "i1", 0.0)
+        member.zone = ZONES[name]
     tokens = [f"{i:032x}" for i in range(300)]
     assert all(table.backup_for(t) in ("b1", "b2") for t in tokens)
-    # b1 is dead and gone from the table; its zone is still known, so a survivor computes
-    # the backup b1 had chosen among the members it saw.
-    table.remove("b1")
-    view = {"a1", "a2", "b1", "b2"}
-    for t in tokens:
-        expected = choose_backup(t, "zoneB", {n: ZONES[n] for n in view - {"b1"}})
-        assert table.backup_chosen_by("b1", t, view) == expected
-    # A restarted member is known by its zone before its first heartbeat of the new life.
-    table.heard("b1", "i2", 1.0)
-    assert table.members["b1"].zone == "zoneB"
+    assert {table.backup_for(t) for t in tokens} == {"b1", "b2"}  # and spread over both
+    # Zone B unreachable: a backup next door is better than none.
+    for name in ("b1", "b2"):
+        table.members[name].unreachable = True
+    assert {table.backup_for(t) for t in tokens} == {"a2"}
 
 
 async def start_zoned(cluster: Cluster) -> None:
@@ -62,6 +43,10 @@ async def start_zoned(cluster: Cluster) -> None:
 
 async def test_every_backup_is_in_the_other_zone_and_a_whole_zone_can_die(cluster: Cluster) -> None:
     await start_zoned(cluster)
+    for name, manager in cluster.nodes.items():
+        assert manager.cluster is not None
+        await eventually(lambda mg=manager: all(mm.zone for mm in mg.cluster.members.members.values()))  # type: ignore[union-attr]
+        assert manager.status()["members"][0]["zone"] == ZONES[name]
     sessions = []
     for i in range(40):
         owner = cluster.nodes[list(ZONES)[i % 4]]
@@ -78,16 +63,19 @@ async def test_every_backup_is_in_the_other_zone_and_a_whole_zone_can_die(cluste
         assert (data, new) == ({"n": i}, False)
 
 
-async def test_a_member_first_heard_without_its_zone_is_rebalanced_when_it_announces_one(cluster: Cluster) -> None:
+async def test_a_member_whose_zone_becomes_known_gets_its_backups_moved(cluster: Cluster) -> None:
     a1 = await cluster.add("a1", zone="zoneA")
-    # A peer in a1's own zone, first heard through a non-heartbeat message.
-    peer = Peer(cluster.bus, "a2", auto_ack=True)
-    await peer.send(peer.all, m.Resync())
-    assert a1.cluster is not None and a1.cluster.members.members["a2"].zone == ""
-    cookie = await write(a1, None, x=1)
-    token = token_of(a1, cookie)
-    assert a1.store.owned[token].backup == "a2"  # the only member; zone unknown yet
     b1 = await cluster.add("b1", zone="zoneB")
-    await peer.send(peer.all, m.Heartbeat("a2:1", 0, 0, False, "zoneA"))
-    # Now a2 is known to share a1's zone: the session's backup moves to zone B.
-    await eventually(lambda: a1.store.owned[token].backup == "b1" and token in b1.store.backups)
+    await cluster.joined()
+    peer = Peer(cluster.bus, "a2", auto_ack=True)
+    await peer.send(peer.all, m.Heartbeat("a2:1", 0, 0, time.time(), True, ""))  # zone not known yet
+    assert a1.cluster is not None
+    await eventually(lambda: "a2" in a1.cluster.members.members)  # type: ignore[union-attr]
+    tokens = []
+    for _ in range(30):
+        tokens.append(token_of(a1, await write(a1, None, x=1)))
+    on_peer = [t for t in tokens if a1.store.owned[t].backup == "a2"]
+    assert on_peer  # an unknown zone counts as another zone than a1's
+    # a2 announces that it shares a1's zone: its backups of a1's sessions move to zone B.
+    await peer.send(peer.all, m.Heartbeat("a2:1", 0, 0, time.time(), False, "zoneA"))
+    await eventually(lambda: all(a1.store.owned[t].backup == "b1" and t in b1.store.backups for t in on_peer))

@@ -1,40 +1,53 @@
 """Who is in the cluster, and where each session's backup lives.
 
-Like Tomcat's McastService: every node announces itself each heartbeat interval; a
-member not heard from for ``drop_time`` is dead. A node restarted under the same name
-has a newer incarnation (start time first, so incarnations sort by age) and is never
-confused with its previous life. Backups are chosen by :mod:`.placement` (rendezvous
+Like Tomcat's McastService, every node announces itself each heartbeat interval. Unlike
+it, silence alone convicts nobody: a member counts as silent only for the time this node
+could itself prove it was connected (``connected_since``), and its sessions are adopted
+only after Redis confirms that its lease lapsed (``node.py``). A (name, incarnation) is a
+member only once admitted (its claim in Redis names that incarnation), so a replayed
+message of a dead incarnation never makes a phantom member; a newer admitted incarnation
+of a name retires the older one. Backups are chosen by :mod:`.placement` (rendezvous
 hashing, in another zone than the owner's while one is live) over the live members, so
 every node computes the same backup for a token without asking anyone.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
-import time
 from collections.abc import Iterable
 
 from .placement import choose_backup, rendezvous, score
 
 
 def new_incarnation() -> str:
-    """Sortable by start time, unique by the random tail."""
-    return f"{int(time.time() * 1000):013d}-{os.urandom(4).hex()}"
+    """A random identity for one life of a node; ordered by Redis, not by any clock."""
+    return os.urandom(8).hex()
 
 
 @dataclasses.dataclass(slots=True)
 class Member:
     name: str
     incarnation: str
-    last_seen: float  # monotonic
+    last_heard: float  # monotonic
     address: str = ""
     owned: int = 0
     backups: int = 0
-    #: a direct message found nobody listening: do not pick it as a backup until heard again
-    suspect: bool = False
-    #: the failure domain it announced ("" until heard, or from an older release)
     zone: str = ""
+    #: its wall clock minus ours, at its last heartbeat (transit time included)
+    skew: float = 0.0
+    #: a direct message found nobody listening: do not pick it as a backup until heard again
+    unreachable: bool = False
+    #: it is handing its sessions over (stopping): never pick it as a backup again
+    leaving: bool = False
+    #: silent for the drop time while we were connected: no backup of ours goes there, and
+    #: its sessions are adopted once Redis confirms its lease lapsed
+    suspected: bool = False
+
+    @property
+    def candidate(self) -> bool:
+        return not (self.unreachable or self.leaving or self.suspected)
 
 
 __all__ = ["Member", "Membership", "new_incarnation", "pick_backup", "score"]
@@ -43,88 +56,73 @@ __all__ = ["Member", "Membership", "new_incarnation", "pick_backup", "score"]
 pick_backup = rendezvous
 
 
+#: incarnations remembered as retired (their messages are refused); older ones are
+#: forgotten, which is safe: admission would refuse them anyway
+RETIRED_LIMIT = 4096
+
+
 class Membership:
     """The member table of one node (``me`` is never in it)."""
 
-    def __init__(self, me: str, drop_time: float, *, zone: str = "") -> None:
+    def __init__(self, me: str, *, zone: str = "") -> None:
         self.me = me
-        self.drop_time = drop_time
+        #: this node's zone (Config.zone): its backups go to another one while one is live
         self.zone = zone
-        #: last zone each name announced; kept when the member is gone, because a survivor
-        #: needs a dead owner's zone to tell which member that owner chose as its backup
-        self.zones: dict[str, str] = {}
         self.members: dict[str, Member] = {}
-        #: newest incarnation seen per name, so messages from a past life are refused
-        self.incarnations: dict[str, str] = {}
-        #: (name, incarnation) that left cleanly: what it still sends (an ack, a late
-        #: heartbeat) must not make it a member again, or we would pick it as a backup
-        self.left: set[tuple[str, str]] = set()
+        self.retired: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
-    def heard(self, name: str, incarnation: str, now: float, *, zone: str | None = None) -> tuple[bool, Member | None]:
-        """Record a sign of life. Returns (is_new_member, replaced_member_or_None).
-
-        ``zone`` is what a heartbeat announced (``None``: another kind of message); it is
-        remembered for the name and given to a new member (a known member's zone is the
-        caller's to update, since a change moves backups). A message from an older
-        incarnation than one already seen is not a sign of life.
-        """
-        known = self.incarnations.get(name)
-        if (known is not None and incarnation < known) or (name, incarnation) in self.left:
-            return False, None
-        replaced = None
+    def current(self, name: str, incarnation: str) -> Member | None:
         member = self.members.get(name)
-        if member is not None and member.incarnation != incarnation:
-            replaced = self.members.pop(name)
-            member = None
-        self.incarnations[name] = incarnation
-        if zone is not None:
-            self.zones[name] = zone
-        if member is None:
-            self.members[name] = Member(name, incarnation, now, zone=self.zones.get(name, ""))
-            return True, replaced
-        member.last_seen = now
-        member.suspect = False
-        return False, None
+        return member if member is not None and member.incarnation == incarnation else None
 
-    def is_current(self, name: str, incarnation: str) -> bool:
-        known = self.incarnations.get(name)
-        return known is None or incarnation >= known
+    def is_retired(self, name: str, incarnation: str) -> bool:
+        return (name, incarnation) in self.retired
 
-    def remove(self, name: str) -> Member | None:
-        return self.members.pop(name, None)
+    def admit(self, name: str, incarnation: str, now: float) -> tuple[Member, Member | None]:
+        """Make (name, incarnation) the member of that name; returns it and the member it
+        replaced (an older incarnation), if any."""
+        old = self.members.get(name)
+        if old is not None and old.incarnation != incarnation:
+            self.retire(name, old.incarnation)
+        else:
+            old = None
+        member = self.members[name] = Member(name, incarnation, now)
+        return member, old
 
-    def leave(self, name: str, incarnation: str) -> Member | None:
-        """``name`` said goodbye: that incarnation is gone for good."""
-        self.left.add((name, incarnation))
-        return self.remove(name)
+    def retire(self, name: str, incarnation: str) -> Member | None:
+        """That incarnation is gone for good (left, replaced, or its sessions adopted)."""
+        self.retired[(name, incarnation)] = None
+        while len(self.retired) > RETIRED_LIMIT:
+            self.retired.popitem(last=False)
+        member = self.members.get(name)
+        if member is not None and member.incarnation == incarnation:
+            return self.members.pop(name)
+        return None
 
-    def expire(self, now: float) -> list[Member]:
-        """Drop members not heard from for ``drop_time``; returns them."""
-        dead = [m for m in self.members.values() if now - m.last_seen > self.drop_time]
-        for m in dead:
-            del self.members[m.name]
-        return dead
+    def heard(self, member: Member, now: float) -> bool:
+        """A sign of life from a current member; True if it was suspected until now."""
+        member.last_heard = now
+        member.unreachable = False
+        was, member.suspected = member.suspected, False
+        return was
 
-    def refresh_all(self, now: float) -> None:
-        """After our own outage we heard nothing; that is not evidence of death."""
-        for m in self.members.values():
-            m.last_seen = now
+    def silent(self, now: float, connected_since: float, drop_time: float) -> list[Member]:
+        """Members not heard from for ``drop_time`` of time we were provably connected,
+        not yet suspected."""
+        return [
+            m
+            for m in self.members.values()
+            if not m.suspected and now - max(m.last_heard, connected_since) > drop_time
+        ]
 
     def live(self) -> list[str]:
-        return sorted(self.members)
+        """Names of the members not suspected (sorted)."""
+        return sorted(n for n, m in self.members.items() if not m.suspected)
 
-    def zone_of(self, name: str) -> str:
-        """The zone ``name`` announced last (this node's own for ``me``; "" if never heard)."""
-        return self.zone if name == self.me else self.zones.get(name, "")
+    def candidates(self, exclude: Iterable[str] = ()) -> list[str]:
+        excluded = set(exclude)
+        return [n for n, m in self.members.items() if m.candidate and n not in excluded]
 
     def backup_for(self, token: str, *, exclude: Iterable[str] = ()) -> str | None:
-        """The backup this node gives its session ``token`` among the live members."""
-        excluded = set(exclude)
-        candidates = {n: m.zone for n, m in self.members.items() if not m.suspect and n not in excluded}
-        return choose_backup(token, self.zone, candidates)
-
-    def backup_chosen_by(self, owner: str, token: str, view: Iterable[str]) -> str | None:
-        """The backup ``owner`` chose for ``token`` while the live members were ``view``
-        (names, this node's included): how a survivor knows it must adopt a dead owner's
-        session."""
-        return choose_backup(token, self.zone_of(owner), {n: self.zone_of(n) for n in view if n != owner})
+        """The backup this node gives its session ``token`` among the candidates."""
+        return choose_backup(token, self.zone, {n: self.members[n].zone for n in self.candidates(exclude)})

@@ -64,6 +64,10 @@ class MemoryTransport:
         self.bus = bus
         self.connected = False
         self._subs: list[tuple[str, OnMessage]] = []
+        self._reset = False
+
+    def reset(self) -> None:
+        self._reset = True
 
     async def run(self, channels: list[str], on_message: OnMessage, on_connect: OnConnect) -> None:
         first = True
@@ -77,8 +81,9 @@ class MemoryTransport:
                 self.connected = True
                 await on_connect(first)
                 first = False
-                while not self.bus.down:
+                while not self.bus.down and not self._reset:
                     await asyncio.sleep(0.01)
+                self._reset = False
                 self._unsubscribe()
         finally:
             self._unsubscribe()

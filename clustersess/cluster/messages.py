@@ -1,23 +1,32 @@
 """The wire protocol: a closed, versioned set of message types.
 
-Every message is an :class:`Envelope` (protocol version, type, sender name and
+Every message is an :class:`Envelope` (cluster, channel, type, sender name and
 incarnation, per-channel sequence number) around a body of one of the frozen dataclasses
-below. Bodies are parsed field by field: anything missing, mistyped or unknown raises
-:class:`Malformed`, so the receiver drops the message instead of acting on it.
+below. Session data travel beside the JSON header as *blobs* (their exact bytes), so a
+big session is neither escaped nor re-encoded. Bodies are parsed field by field: anything
+missing, mistyped or unknown raises :class:`Malformed`, so the receiver drops the message
+instead of acting on it. ``docs/PROTOCOL.md`` says what each message means.
+
+Times are relative (idle seconds, age, remaining lifetime), never another host's clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
 from typing import Any, ClassVar
 
-from ..config import ROUTE_RE, ZONE_RE
+import orjson
+
+from .. import versions
+from ..config import ROUTE_RE
 from ..ids import TOKEN_RE
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+
+#: buckets of a resync digest (DIGEST / NEED / PRUNE)
+DIGEST_BUCKETS = 64
 
 
 class Malformed(ValueError):
@@ -25,18 +34,41 @@ class Malformed(ValueError):
 
 
 class MsgType(str, enum.Enum):
-    HEARTBEAT = "heartbeat"  # broadcast: I am alive (membership)
-    LEAVE = "leave"  # broadcast: I am shutting down cleanly
-    REPLICATE = "replicate"  # to a backup: full state of sessions (created / changed / hand-off)
-    ACK = "ack"  # to the sender of a REPLICATE: applied
-    ACCESSED = "accessed"  # to a backup: coalesced last-access times of read-only sessions
-    INVALIDATE = "invalidate"  # broadcast: these tokens are dead (logout, rotation, expiry)
-    FETCH = "fetch"  # broadcast: I take this session over; send me your copy
-    FETCH_REPLY = "fetch_reply"  # to the fetcher: my copy (or none, or dead)
-    OWNED = "owned"  # broadcast: this session now belongs to me at this epoch
-    RESYNC = "resync"  # to an owner: I may have missed messages, resend what I back up
+    HEARTBEAT = "heartbeat"  # broadcast: I am alive (membership, self-proof, skew)
+    LEAVE = "leave"  # broadcast: I handed my sessions over and am gone
+    REPLICATE = "replicate"  # to a backup: full state of sessions (or a hand-off)
+    ACK = "ack"  # to the sender of a REPLICATE / INVALIDATE: applied, or refused and why
+    ACCESSED = "accessed"  # to a backup: idle times of sessions used since the last pass
+    INVALIDATE = "invalidate"  # broadcast and to the backup: these tokens are dead
+    FETCH = "fetch"  # to each member: I take this session over; give up and send me your copy
+    FETCH_REPLY = "fetch_reply"  # to the fetcher: my copy (or none, or dead, or busy)
+    OWNED = "owned"  # broadcast: these sessions are mine now at these epochs
+    DROP = "drop"  # to a former backup: you no longer back these up
+    RESYNC = "resync"  # broadcast: I had a gap; tell me what I may have missed
+    DIGEST = "digest"  # to a backup: per-bucket hashes of what you should hold of mine
+    NEED = "need"  # to an owner: these buckets differ, send them again
+    PRUNE = "prune"  # to a backup: in these buckets, these are all my sessions you back up
 
 
+class Blobs:
+    """Session data carried beside the header, referenced by index."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[bytes] | None = None) -> None:
+        self.items: list[bytes] = items if items is not None else []
+
+    def add(self, data: bytes) -> int:
+        self.items.append(data)
+        return len(self.items) - 1
+
+    def get(self, index: Any) -> bytes:
+        if type(index) is not int or not 0 <= index < len(self.items):
+            raise Malformed("bad blob reference")
+        return self.items[index]
+
+
+# -- field parsers (untrusted input) ----------------------------------------------------
 def _get(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = body.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -44,89 +76,115 @@ def _get(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
-def _num(body: dict[str, Any], key: str) -> float:
-    value = _get(body, key, (int, float))
-    try:
-        number = float(value)
-    except OverflowError:  # an int too large for a float: not ValueError, would escape decode()
-        raise Malformed(f"field {key!r} is out of range") from None
-    # NaN and Infinity are valid JSON to Python; an infinite last-access time never expires.
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise Malformed(f"field {key!r} must be a finite number")
+def _int(body: dict[str, Any], key: str, low: int = 0) -> int:
+    value = body.get(key)
+    if type(value) is not int or value < low:
+        raise Malformed(f"field {key!r} must be an integer >= {low}")
+    return value
+
+
+def _num(value: Any, what: str) -> float:
+    if type(value) not in (int, float):
+        raise Malformed(f"{what} must be a number")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise Malformed(f"{what} must be a finite number >= 0")
     return number
 
 
-def _token(body: dict[str, Any], key: str = "k") -> str:
-    value: str = _get(body, key, str)
+def _token(value: Any) -> str:
     # ids owns the format; str.isalnum() would also pass non-ASCII letters and digits
-    if not TOKEN_RE.fullmatch(value):
+    if not isinstance(value, str) or not TOKEN_RE.fullmatch(value):
         raise Malformed("bad token")
     return value
 
 
-def _tokens(body: dict[str, Any], key: str) -> tuple[str, ...]:
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not ROUTE_RE.fullmatch(value):
+        raise Malformed("bad node name")
+    return value
+
+
+def _list(body: dict[str, Any], key: str, limit: int = 100_000) -> list[Any]:
     items = _get(body, key, list)
-    return tuple(_token({"k": t}) for t in items)
+    if len(items) > limit:
+        raise Malformed(f"field {key!r} is too long")
+    return items
+
+
+def _vv(value: Any) -> versions.VV:
+    try:
+        return versions.from_json(value, ROUTE_RE)
+    except ValueError as exc:
+        raise Malformed(str(exc)) from None
+
+
+def _tuple_of(items: list[Any], arity: int, what: str) -> list[Any]:
+    for item in items:
+        if not isinstance(item, list) or len(item) != arity:
+            raise Malformed(f"{what} must be a list of {arity}")
+    return items
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionState:
-    """Full state of one session as it travels between nodes."""
+    """One session as it travels between nodes."""
 
     token: str
     owner: str
     epoch: int
-    version: int
-    created: float
-    last_accessed: float
-    data: str  # the session's JSON text, exactly as committed by the owner
+    vv: versions.VV
+    age: float  # seconds since the session was created
+    idle: float  # seconds since its last access
+    data: bytes  # the session's JSON, exactly as committed by the owner
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def version(self) -> int:
+        return versions.total(self.vv)
+
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
         return {
             "k": self.token,
             "o": self.owner,
             "e": self.epoch,
-            "n": self.version,
-            "c": self.created,
-            "a": self.last_accessed,
-            "d": self.data,
+            "vv": versions.to_json(self.vv),
+            "age": round(self.age, 3),
+            "idle": round(self.idle, 3),
+            "d": blobs.add(self.data),
         }
 
     @classmethod
-    def from_json(cls, body: Any) -> SessionState:
+    def from_json(cls, body: Any, blobs: Blobs) -> SessionState:
         if not isinstance(body, dict):
             raise Malformed("session state must be an object")
-        data = _get(body, "d", str)
+        data = blobs.get(body.get("d"))
         try:
-            if not isinstance(json.loads(data), dict):
+            if not isinstance(orjson.loads(data), dict):
                 raise Malformed("session data must be a JSON object")
-        except ValueError:
+        except orjson.JSONDecodeError:
             raise Malformed("session data is not JSON") from None
-        owner = _get(body, "o", str)
-        if not ROUTE_RE.fullmatch(owner):  # it ends the session ID (Entry.session_id asserts)
-            raise Malformed("owner must be a node name")
-        state = cls(
-            _token(body),
-            owner,
-            _get(body, "e", int),
-            _get(body, "n", int),
-            _num(body, "c"),
-            _num(body, "a"),
+        vv = _vv(body.get("vv"))
+        if not vv:
+            raise Malformed("a replicated session has at least one write")
+        return cls(
+            _token(body.get("k")),
+            _name(body.get("o")),  # it ends the session ID (Entry.session_id asserts)
+            _int(body, "e"),
+            vv,
+            _num(body.get("age"), "age"),
+            _num(body.get("idle"), "idle"),
             data,
         )
-        if state.epoch < 0 or state.version < 1:
-            raise Malformed("epoch and version must be positive")
-        return state
 
 
 class Body:
     TYPE: ClassVar[MsgType]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
         raise NotImplementedError
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Body:
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Body:
         raise NotImplementedError
 
 
@@ -136,20 +194,33 @@ class Heartbeat(Body):
     address: str
     owned: int
     backups: int
+    wall: float  # the sender's wall clock, only to report skew
     hello: bool = False  # a joining node asks everyone to answer with a heartbeat now
-    zone: str = ""  # the sender's failure domain (Config.zone); "" from nodes that announce none
+    zone: str = ""
 
-    def to_json(self) -> dict[str, Any]:
-        return {"addr": self.address, "owned": self.owned, "backups": self.backups, "hello": self.hello, "zone": self.zone}
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {
+            "addr": self.address,
+            "owned": self.owned,
+            "backups": self.backups,
+            "wall": self.wall,
+            "hello": self.hello,
+            "zone": self.zone,
+        }
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Heartbeat:
-        # Optional, so a node of an older release stays a member during a rolling upgrade.
-        zone = body.get("zone", "")
-        if not isinstance(zone, str) or (zone and not ZONE_RE.fullmatch(zone)):
-            raise Malformed("zone must be a zone name")
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Heartbeat:
+        zone = _get(body, "zone", str)
+        address = _get(body, "addr", str)
+        if len(zone) > 64 or len(address) > 256:
+            raise Malformed("zone or address too long")
         return cls(
-            _get(body, "addr", str), _get(body, "owned", int), _get(body, "backups", int), _get(body, "hello", bool), zone
+            address,
+            _int(body, "owned"),
+            _int(body, "backups"),
+            _num(body.get("wall"), "wall"),
+            _get(body, "hello", bool),
+            zone,
         )
 
 
@@ -157,11 +228,11 @@ class Heartbeat(Body):
 class Leave(Body):
     TYPE: ClassVar[MsgType] = MsgType.LEAVE
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
         return {}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Leave:
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Leave:
         return cls()
 
 
@@ -169,63 +240,99 @@ class Leave(Body):
 class Replicate(Body):
     TYPE: ClassVar[MsgType] = MsgType.REPLICATE
     sessions: tuple[SessionState, ...]
-    handoff: bool = False  # the owner is leaving: adopt these sessions
+    handoff: bool = False  # the owner is leaving: you own these now
 
-    def to_json(self) -> dict[str, Any]:
-        return {"s": [s.to_json() for s in self.sessions], "handoff": self.handoff}
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"s": [s.to_json(blobs) for s in self.sessions], "handoff": self.handoff}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Replicate:
-        return cls(tuple(SessionState.from_json(s) for s in _get(body, "s", list)), _get(body, "handoff", bool))
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Replicate:
+        states = tuple(SessionState.from_json(s, blobs) for s in _list(body, "s"))
+        return cls(states, _get(body, "handoff", bool))
+
+
+class Refused(str, enum.Enum):
+    SUPERSEDED = "superseded"  # I hold it at a newer epoch: you are not its owner any more
+    DIVERGED = "diverged"  # my copy holds writes yours lacks: take it over to reconcile
+    DEAD = "dead"  # it was logged out (tombstoned)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    token: str
+    reason: Refused
+    epoch: int  # the refuser's epoch for it
+    vv: versions.VV  # the refuser's vector for it
+
+    def to_json(self) -> list[Any]:
+        return [self.token, self.reason.value, self.epoch, versions.to_json(self.vv)]
+
+    @classmethod
+    def from_json(cls, item: list[Any]) -> Refusal:
+        try:
+            reason = Refused(item[1])
+        except ValueError:
+            raise Malformed("unknown refusal") from None
+        epoch = item[2]
+        if type(epoch) is not int or epoch < 0:
+            raise Malformed("bad epoch")
+        return cls(_token(item[0]), reason, epoch, _vv(item[3]))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ack(Body):
     TYPE: ClassVar[MsgType] = MsgType.ACK
-    ack: int  # the acknowledged REPLICATE's sequence number
-    stale: tuple[str, ...] = ()  # tokens the receiver holds at a newer epoch: you lost them
+    ack: int  # the acknowledged message's sequence number on the acker's channel
+    refused: tuple[Refusal, ...] = ()  # everything else in it was applied
 
-    def to_json(self) -> dict[str, Any]:
-        return {"ack": self.ack, "stale": list(self.stale)}
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"ack": self.ack, "refused": [r.to_json() for r in self.refused]}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Ack:
-        return cls(_get(body, "ack", int), _tokens(body, "stale"))
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Ack:
+        items = _tuple_of(_list(body, "refused"), 4, "refusals")
+        return cls(_int(body, "ack", 1), tuple(Refusal.from_json(i) for i in items))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Accessed(Body):
     TYPE: ClassVar[MsgType] = MsgType.ACCESSED
-    items: tuple[tuple[str, int, float], ...]  # (token, epoch, last_accessed)
+    items: tuple[tuple[str, int, float], ...]  # (token, epoch, idle seconds)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"i": [list(i) for i in self.items]}
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"i": [[t, e, round(idle, 3)] for t, e, idle in self.items]}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Accessed:
-        items = []
-        for item in _get(body, "i", list):
-            if not isinstance(item, list) or len(item) != 3:
-                raise Malformed("accessed item must be [token, epoch, time]")
-            items.append((_token({"k": item[0]}), _get({"e": item[1]}, "e", int), _num({"a": item[2]}, "a")))
-        return cls(tuple(items))
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Accessed:
+        items = _tuple_of(_list(body, "i"), 3, "accessed items")
+        out = []
+        for token, epoch, idle in items:
+            if type(epoch) is not int or epoch < 0:
+                raise Malformed("bad epoch")
+            out.append((_token(token), epoch, _num(idle, "idle")))
+        return cls(tuple(out))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Invalidate(Body):
     TYPE: ClassVar[MsgType] = MsgType.INVALIDATE
-    tokens: tuple[str, ...]
+    items: tuple[tuple[str, float], ...]  # (token, seconds the tombstone has left)
     reason: str = "invalidated"
 
-    def to_json(self) -> dict[str, Any]:
-        return {"t": list(self.tokens), "reason": self.reason}
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"t": [[t, round(left, 3)] for t, left in self.items], "reason": self.reason}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Invalidate:
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Invalidate:
         reason = _get(body, "reason", str)
         if reason not in ("invalidated", "expired"):
             raise Malformed("unknown reason")
-        return cls(_tokens(body, "t"), reason)
+        items = _tuple_of(_list(body, "t"), 2, "tombstones")
+        return cls(tuple((_token(t), _num(left, "lifetime")) for t, left in items), reason)
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return tuple(t for t, _ in self.items)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -234,12 +341,15 @@ class Fetch(Body):
     request: str
     token: str
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
         return {"req": self.request, "k": self.token}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Fetch:
-        return cls(_get(body, "req", str), _token(body))
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Fetch:
+        request = _get(body, "req", str)
+        if len(request) > 64:
+            raise Malformed("request id too long")
+        return cls(request, _token(body.get("k")))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -252,77 +362,161 @@ class FetchReply(Body):
     #: the replier is taking this session over itself right now: try again shortly
     busy: bool = False
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
         return {
             "req": self.request,
             "k": self.token,
-            "s": None if self.state is None else self.state.to_json(),
+            "s": None if self.state is None else self.state.to_json(blobs),
             "dead": self.dead,
             "busy": self.busy,
         }
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> FetchReply:
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> FetchReply:
         raw = body.get("s")
-        state = None if raw is None else SessionState.from_json(raw)
-        return cls(_get(body, "req", str), _token(body), state, _get(body, "dead", bool), _get(body, "busy", bool))
+        state = None if raw is None else SessionState.from_json(raw, blobs)
+        return cls(
+            _get(body, "req", str), _token(body.get("k")), state, _get(body, "dead", bool), _get(body, "busy", bool)
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Owned(Body):
     TYPE: ClassVar[MsgType] = MsgType.OWNED
-    token: str
-    epoch: int
-    backup: str | None
+    items: tuple[tuple[str, int, versions.VV], ...]  # (token, epoch, vector)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"k": self.token, "e": self.epoch, "b": self.backup}
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"i": [[t, e, versions.to_json(vv)] for t, e, vv in self.items]}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Owned:
-        backup = body.get("b")
-        if backup is not None and not isinstance(backup, str):
-            raise Malformed("backup must be a name or null")
-        return cls(_token(body), _get(body, "e", int), backup)
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Owned:
+        items = _tuple_of(_list(body, "i"), 3, "owned items")
+        out = []
+        for token, epoch, vv in items:
+            if type(epoch) is not int or epoch < 0:
+                raise Malformed("bad epoch")
+            out.append((_token(token), epoch, _vv(vv)))
+        return cls(tuple(out))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Drop(Body):
+    TYPE: ClassVar[MsgType] = MsgType.DROP
+    items: tuple[tuple[str, int], ...]  # (token, epoch): drop your copy if not newer
+
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"i": [list(i) for i in self.items]}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Drop:
+        items = _tuple_of(_list(body, "i"), 2, "drop items")
+        out = []
+        for token, epoch in items:
+            if type(epoch) is not int or epoch < 0:
+                raise Malformed("bad epoch")
+            out.append((_token(token), epoch))
+        return cls(tuple(out))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Resync(Body):
     TYPE: ClassVar[MsgType] = MsgType.RESYNC
+    since: float  # how many seconds of messages the sender may have missed
 
-    def to_json(self) -> dict[str, Any]:
-        return {}
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"since": round(self.since, 3)}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Resync:
-        return cls()
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Resync:
+        return cls(_num(body.get("since"), "since"))
+
+
+def _buckets(body: dict[str, Any], key: str) -> tuple[int, ...]:
+    items = _list(body, key, DIGEST_BUCKETS)
+    if any(type(b) is not int or not 0 <= b < DIGEST_BUCKETS for b in items):
+        raise Malformed("bad bucket")
+    return tuple(items)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Digest(Body):
+    TYPE: ClassVar[MsgType] = MsgType.DIGEST
+    hashes: tuple[int, ...]  # DIGEST_BUCKETS 64-bit values
+
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"h": [f"{h:016x}" for h in self.hashes]}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Digest:
+        items = _list(body, "h", DIGEST_BUCKETS)
+        if len(items) != DIGEST_BUCKETS or not all(isinstance(h, str) and len(h) == 16 for h in items):
+            raise Malformed("a digest has one 16-digit hex value per bucket")
+        try:
+            return cls(tuple(int(h, 16) for h in items))
+        except ValueError:
+            raise Malformed("a digest value is not hex") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Need(Body):
+    TYPE: ClassVar[MsgType] = MsgType.NEED
+    buckets: tuple[int, ...]
+
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"b": list(self.buckets)}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Need:
+        return cls(_buckets(body, "b"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prune(Body):
+    TYPE: ClassVar[MsgType] = MsgType.PRUNE
+    buckets: tuple[int, ...]
+    tokens: tuple[str, ...]  # every session of the sender's you back up in those buckets
+
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"b": list(self.buckets), "t": list(self.tokens)}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Prune:
+        return cls(_buckets(body, "b"), tuple(_token(t) for t in _list(body, "t")))
 
 
 BODIES: dict[MsgType, type[Body]] = {
-    cls.TYPE: cls for cls in (Heartbeat, Leave, Replicate, Ack, Accessed, Invalidate, Fetch, FetchReply, Owned, Resync)
-}
+    cls.TYPE: cls
+    for cls in (
+        Heartbeat, Leave, Replicate, Ack, Accessed, Invalidate, Fetch, FetchReply, Owned, Drop, Resync, Digest,
+        Need, Prune,
+    )
+}  # fmt: skip
 assert set(BODIES) == set(MsgType), "every message type has exactly one body class"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Envelope:
+    cluster: str  # the cluster name
+    channel: str  # the channel it was published on
     src: str  # sender's node name
-    inc: str  # sender's incarnation (sortable: start time first)
+    inc: str  # sender's incarnation
     seq: int  # per sender incarnation and channel, strictly increasing
     body: Body
 
-    def to_json(self) -> dict[str, Any]:
+    def header(self, blobs: Blobs) -> dict[str, Any]:
         return {
             "v": PROTOCOL_VERSION,
+            "c": self.cluster,
+            "ch": self.channel,
             "t": self.body.TYPE.value,
             "src": self.src,
             "inc": self.inc,
             "seq": self.seq,
-            "b": self.body.to_json(),
+            "b": self.body.to_json(blobs),
         }
 
     @classmethod
-    def from_json(cls, raw: Any) -> Envelope:
+    def from_header(cls, raw: Any, blobs: Blobs) -> Envelope:
         if not isinstance(raw, dict):
             raise Malformed("message must be a JSON object")
         version = raw.get("v")
@@ -332,5 +526,14 @@ class Envelope:
             kind = MsgType(raw.get("t"))
         except ValueError:
             raise Malformed(f"unknown message type {raw.get('t')!r}") from None
-        body = _get(raw, "b", dict)
-        return cls(_get(raw, "src", str), _get(raw, "inc", str), _get(raw, "seq", int), BODIES[kind].from_json(body))
+        inc = _get(raw, "inc", str)
+        if not 0 < len(inc) <= 64:
+            raise Malformed("bad incarnation")
+        return cls(
+            _get(raw, "c", str),
+            _get(raw, "ch", str),
+            _name(raw.get("src")),
+            inc,
+            _int(raw, "seq", 1),
+            BODIES[kind].from_json(_get(raw, "b", dict), blobs),
+        )

@@ -1,125 +1,208 @@
-"""One node's part in the cluster: replication, acks, takeover, adoption and hand-off.
+"""One node's part in the cluster: its life cycle, its lease, and what ties the parts together.
 
-This is Tomcat's BackupManager over Redis pub/sub:
-
-* ``replicate()`` sends a committed session's full state to its backup (chosen by
-  rendezvous hashing over the live members). Concurrent requests' sends are coalesced
-  into one message per backup and one pipelined round trip by the flusher task. In sync
-  mode (channelSendOptions=6) the request waits for the backup's ack, never longer than
-  ``ack_timeout``; a miss queues the session for re-replication.
-* ``acquire()`` takes a session over when a request for it arrives here: it asks the
-  cluster for every copy (FETCH), the holders give up ownership and answer, the newest
-  copy (by epoch, then version) wins, the epoch is bumped and a new backup is chosen.
-* When a member dies, sessions it backed up get a new backup, and its sessions are
-  adopted by their backup. A node stopping cleanly hands its sessions to their backups.
-* Every incoming message is authenticated, parsed strictly, checked for replay and gaps,
-  and applied only if it is newer than what this node holds; the rest is dropped and
-  counted.
+The parts (each in its own module, sharing a :class:`~.context.ClusterContext`):
+``inbox`` (receive path), ``outbox`` (send path), ``replication`` (both sides of
+replication and resync), ``ownership`` (takeover, adoption, hand-off), ``membership``
+(members and backup choice) and ``health`` (what this node can prove about itself). This
+module runs them: it claims the node's name, sends heartbeats and renews the lease,
+suspects silent members and adopts their sessions once Redis confirms their lease lapsed,
+rejoins as a new incarnation when its own sessions were adopted, hands everything over on
+a clean stop, and answers the manager (:class:`~clustersess.manager.Replicator`).
+``docs/PROTOCOL.md`` is the specification.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import logging
 import os
-import random
 import socket
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any
 
-from .. import codec
+from .. import tasks
+from ..clock import Clock
+from ..config import Config
 from ..errors import DuplicateNodeError
 from ..session import Entry
+from ..stats import Stats
+from ..store import LocalStore
 from . import messages as m
-from .membership import Membership, new_incarnation
-from .outbox import NoReceiver, Outbox, RateLimitedLog, consume, state_of
+from .context import ClusterContext, SessionEvents, log
+from .health import Health, SelfProof, State
+from .inbox import Inbox
+from .membership import Member, Membership, new_incarnation
+from .outbox import Outbox, RateLimitedLog
+from .ownership import Ownership
+from .replication import Replication
+from .timing import Timing
 from .transport import RedisTransport, Transport, TransportError
-from .wire import BadMac, Codec
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..manager import SessionManager
-
-log = logging.getLogger("clustersess.cluster")
+from .wire import Codec
 
 #: a stopping node leaves once no session has reached it for this long
 HANDOFF_QUIET = 0.1
 
 
-@dataclasses.dataclass(slots=True, eq=False)
-class _Fetch:
-    expected: int = -1
-    replies: list[m.FetchReply] = dataclasses.field(default_factory=list)
-    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+class _LoopClock:
+    """Monotonic time from the node's event loop: the clock asyncio's timers use (a virtual
+    one in the fault simulator). Readable from other threads (a WSGI status page) once
+    the node has started."""
 
+    __slots__ = ("loop",)
 
-def _time_out(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def __call__(self) -> float:
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        return loop.time()
 
 
 class ClusterNode:
-    def __init__(self, manager: SessionManager, transport: Transport | None = None) -> None:
-        cfg = manager.config
-        self.manager = manager
-        self.config = cfg
-        self.stats = manager.stats
-        self.store = manager.store
-        self.clock = manager.clock
-        self.name = cfg.node_name
-        self.incarnation = new_incarnation()
-        self.codec = Codec(cfg.secret_key)
+    """Implements the manager's :class:`~clustersess.manager.Replicator` over Redis."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        stats: Stats,
+        store: LocalStore,
+        events: SessionEvents,
+        clock: Clock,
+        transport: Transport | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.node_name
+        self._mono = _LoopClock()
+        self.timing = timing = Timing.from_config(config)
         if transport is None:
-            assert cfg.redis_url is not None
-            transport = RedisTransport(cfg.redis_url, backoff_cap=self.reconnect_cap(cfg.drop_time))
+            assert config.redis_url is not None
+            transport = RedisTransport(config.redis_url, backoff_cap=timing.reconnect_cap)
         self.transport = transport
-        self.members = Membership(self.name, cfg.drop_time, zone=cfg.zone)
+        self.incarnation = new_incarnation()
         self.address = f"{socket.gethostname()}:{os.getpid()}"
-        self.ch_all = f"{cfg.cluster_name}:all"
-        self.ch_me = self.channel(self.name)
-        self.claim_key = f"{cfg.cluster_name}:claim:{self.name}"
-        self.access_every = max(0.05, min(30.0, cfg.max_inactive / 4))
-        self._warn = RateLimitedLog(log)
-        #: everything this node sends goes through here (sequence numbers, batching, acks)
+        self.stats = stats
+        self.store = store
+        warn = RateLimitedLog(log)
+        self.proof = SelfProof(timing)
+        self.members = Membership(self.name, zone=config.zone)
+        codec = Codec(config.secret_key, config.cluster_name)
         self.outbox = Outbox(
             self.name,
             self.incarnation,
-            self.codec,
-            self.transport,
-            stats=self.stats,
-            store=self.store,
-            warn=self._warn,
+            codec,
+            transport,
+            stats=stats,
+            store=store,
+            warn=warn,
+            wall=clock.time,
+            mono=self._mono,
             on_unreachable=self._unreachable,
+            on_sent=self._sent,
         )
-        self._fetches: dict[str, _Fetch] = {}
-        self._acquiring: dict[str, asyncio.Future[Entry | None]] = {}
-        #: invalidations sent but maybe not yet published; changed only in place (the
-        #: manager looks at this very list on every request)
-        self.unsettled: list[asyncio.Future[int]] = []
-        #: tokens this node is taking over right now (FETCH out, not yet owned)
-        self._contending: set[str] = set()
-        #: incarnation of an older live node with our name, if we heard one
-        self._older_twin: str | None = None
-        # incoming
-        self._last_seq: dict[tuple[str, str, bool], int] = {}
-        self._connected = asyncio.Event()
+        self.ctx = ctx = ClusterContext(
+            config=config,
+            timing=timing,
+            name=self.name,
+            stats=stats,
+            store=store,
+            events=events,
+            wall=clock.time,
+            mono=self._mono,
+            transport=transport,
+            codec=codec,
+            members=self.members,
+            proof=self.proof,
+            outbox=self.outbox,
+            warn=warn,
+            spawn=self._spawn,
+        )
+        self.replication = Replication(ctx)
+        self.ownership = Ownership(ctx, self.replication)
+        self.replication.reclaim = self.ownership.reclaim
+        self.replication.take_handoff = self.ownership.take_handoff
+        self.inbox = Inbox(
+            ctx,
+            on_echo=self._echo,
+            on_twin=self._twin,
+            on_joined=self._joined,
+            on_back=self._back,
+            on_gap=self._gap,
+            on_leave=self._left,
+        )
+        T = m.MsgType
+        for kind, handler in (
+            (T.HEARTBEAT, self._on_heartbeat),
+            (T.REPLICATE, self.replication.on_replicate),
+            (T.ACK, self.replication.on_ack),
+            (T.ACCESSED, self.replication.on_accessed),
+            (T.INVALIDATE, self.replication.on_invalidate),
+            (T.DROP, self.replication.on_drop),
+            (T.RESYNC, self.replication.on_resync),
+            (T.DIGEST, self.replication.on_digest),
+            (T.NEED, self.replication.on_need),
+            (T.PRUNE, self.replication.on_prune),
+            (T.FETCH, self.ownership.on_fetch),
+            (T.FETCH_REPLY, self.ownership.on_fetch_reply),
+            (T.OWNED, self.ownership.on_owned),
+        ):
+            self.inbox.on(kind, handler)
+        self.inbox.check_complete()
+        #: logouts waiting for acknowledgement (the manager binds this very list)
+        self.unsettled = self.replication.unsettled
+        self.ch_all = ctx.ch_all
+        self.ch_me = ctx.channel(self.name)
+        self.tasks: dict[str, tasks.TaskInfo] = {}
         self._tg: asyncio.TaskGroup | None = None
-        self._lone_logged = False
-        self._stopping = False
+        self._loose: set[asyncio.Task[Any]] = set()
+        self._connected = asyncio.Event()
+        self._heartbeat_seqs: dict[int, None] = {}
+        self._twin_seen = False
+        self._watch_since = float("-inf")
+        self._last_traffic = float("-inf")
+        self._superseded_by = ""
 
-    def channel(self, node: str) -> str:
-        return f"{self.config.cluster_name}:node:{node}"
-
-    # -- lifecycle ----------------------------------------------------------------------
+    # == lifecycle ============================================================================
     def start_tasks(self, tg: asyncio.TaskGroup) -> None:
         self._tg = tg
-        tg.create_task(
-            self.transport.run([self.ch_me, self.ch_all], self._on_message, self._on_connect),
-            name="clustersess-receiver",
-        )
-        tg.create_task(self.outbox.run(), name="clustersess-flusher")
-        tg.create_task(self._heartbeat(), name="clustersess-heartbeat")
-        tg.create_task(self._access_flusher(), name="clustersess-access")
+        self._mono.loop = asyncio.get_running_loop()
+        transport = self.transport
+        for name, factory in (
+            ("receiver", lambda: transport.run([self.ch_me, self.ch_all], self._on_message, self._on_connect)),
+            ("flusher", self.outbox.run),
+            ("heartbeat", self._heartbeat),
+            ("access", self._access_flusher),
+            ("rebalancer", self.replication.rebalancer),
+            ("reconciler", self.ownership.reconciler),
+        ):
+            info = self.tasks[name] = tasks.TaskInfo(name)
+            tg.create_task(
+                tasks.supervise(info, factory, on_error=self._task_failed, cap=self.timing.reconnect_cap),
+                name=f"clustersess-{name}",
+            )
+
+    def _task_failed(self) -> None:
+        self.stats.task_restarts += 1
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        guarded = tasks.guarded(coro, name, on_error=self._handler_failed)
+        if self._tg is not None:
+            try:
+                return self._tg.create_task(guarded, name=name)
+            except RuntimeError:  # the task group is shutting down
+                pass
+        task = asyncio.get_running_loop().create_task(guarded, name=name)
+        self._loose.add(task)
+        task.add_done_callback(self._loose.discard)
+        return task
+
+    def _handler_failed(self) -> None:
+        self.stats.handler_errors += 1
+
+    @property
+    def state(self) -> State:
+        return self.proof.state
 
     async def wait_ready(self) -> None:
         """Wait for Redis (briefly) and claim the node name; raise if it is taken."""
@@ -132,600 +215,367 @@ class ClusterNode:
             f"another live node is already named {self.name!r} in cluster "
             f"{self.config.cluster_name!r}; give every node its own CLUSTERSESS_NODE"
         )
-        # The claim in Redis waits out a previous life of this node (it expires one drop
-        # time after its last heartbeat) and refuses a live namesake.
-        deadline = time.monotonic() + self.config.drop_time + self.config.heartbeat_interval
-        while True:
-            try:
-                holder = await self.transport.claim(self.claim_key, self.incarnation, self.config.drop_time)
-            except TransportError:
-                log.warning("clustersess: could not claim node name %s yet (Redis down)", self.name)
-                return
-            if holder == self.incarnation:
-                break
-            if time.monotonic() > deadline or self._older_twin is not None:
+        # The claim waits out a previous life of this node (it expires one lease after
+        # its last renewal) and refuses a live namesake.
+        deadline = self._mono() + self.timing.lease_ttl + self.timing.heartbeat
+        while not await self._claim():
+            if self._mono() > deadline or self._twin_seen:
                 raise duplicate
-            await asyncio.sleep(self.config.heartbeat_interval)
+            if self.proof.state is State.JOINING and not self.transport.connected:
+                return  # Redis went away again: the heartbeat task joins once it is back
+            await asyncio.sleep(self.timing.heartbeat)
         # A namesake that stalled past its claim's expiry still sends heartbeats: listen
         # for two intervals before declaring ourselves in.
-        await asyncio.sleep(2 * self.config.heartbeat_interval)
-        if self._older_twin is not None:
-            await self.transport.release(self.claim_key, self.incarnation)
+        await asyncio.sleep(2 * self.timing.heartbeat)
+        if self._twin_seen:
+            await self.transport.release(self.ctx.claim_key(self.name), self.incarnation)
+            self.proof.state = State.SUPERSEDED
             raise duplicate
         log.info(
             "clustersess: node %s joined cluster %s (incarnation %s, %s replication)",
-            self.name,
-            self.config.cluster_name,
-            self.incarnation,
-            self.config.replication,
-        )
+            self.name, self.config.cluster_name, self.incarnation, self.config.replication,
+        )  # fmt: skip
+
+    async def _claim(self) -> bool:
+        """Claim our name for this incarnation (the first lease); True once we hold it."""
+        sent = self._mono()
+        try:
+            holder = await self.transport.claim(self.ctx.claim_key(self.name), self.incarnation, self.timing.lease_ttl)
+        except TransportError as exc:
+            self.ctx.warn.warning("claim", "clustersess: could not claim node name %s yet (%s)", self.name, exc)
+            return False
+        if holder != self.incarnation:
+            return False
+        self.proof.renewed(sent)
+        if self.proof.state in (State.JOINING, State.REJOINING):
+            self.proof.state = State.HEALTHY
+            self.proof.reason = ""
+        # Admission: others read our claim when they first hear us, so claim first.
+        self._beat(hello=True)
+        return True
 
     async def stop(self) -> None:
         """Hand every owned session to its backup and leave, promptly."""
-        self._stopping = True
-        if not self.transport.connected:
+        self.proof.state = State.STOPPING
+        self.proof.reason = "handing sessions over"
+        if not self.transport.connected or self._superseded_by:
             log.warning("clustersess: stopping without Redis; %d session(s) not handed over", len(self.store.owned))
             await self.transport.close()
             return
-        self.outbox.send(self.ch_all, m.Leave())
         handed = 0
-        deadline = time.monotonic() + self.config.ack_timeout * 2
+        loop_time = self._mono
+        deadline = loop_time() + self.timing.handoff_deadline
         quiet_since: float | None = None
         # In rounds: a member stopping at the same moment may hand us sessions (or we may
         # adopt its copies) after our first list was taken; they go on to a member that
         # stays. We leave once nothing new has arrived for a short quiet period.
-        while time.monotonic() < deadline:
-            entries = list(self.store.owned.values())
+        while loop_time() < deadline:
+            entries = [e for e in self.store.owned.values() if e.version > 0]
             if not entries:
-                now = time.monotonic()
+                now = loop_time()
                 quiet_since = quiet_since or now
                 if now - quiet_since >= HANDOFF_QUIET:
                     break
                 await asyncio.sleep(0.01)
                 continue
             quiet_since = None
-            sent = [(e, self._enqueue(e, handoff=True)) for e in entries]
+            sent = [(e, self.replication.enqueue(e, handoff=True)) for e in entries]
             waiting = [f for _, f in sent if f is not None]
             if not waiting:
                 break  # no member left to take them
-            done, _ = await asyncio.wait(waiting, timeout=max(0.01, deadline - time.monotonic()))
+            done, _ = await asyncio.wait(waiting, timeout=max(0.01, deadline - loop_time()))
             for entry, fut in sent:
-                if fut in done and not fut.cancelled() and fut.exception() is None:
+                if fut in done and not fut.cancelled() and fut.exception() is None and fut.result() is None:
                     handed += 1
                     if self.store.owned.get(entry.token) is entry:
-                        # The receiver adopted it; keep only a copy until we are gone.
+                        # The receiver owns it now; keep only a copy until we are gone.
                         del self.store.owned[entry.token]
                         self.store.backups[entry.token] = entry
         self.stats.handed_over += handed
         log.info(
-            "clustersess: handed %d of %d session(s) over before leaving",
-            handed,
-            handed + len(self.store.owned),
+            "clustersess: handed %d of %d session(s) over before leaving", handed, handed + len(self.store.owned)
         )
         await self.outbox.flush()
-        await self.transport.release(self.claim_key, self.incarnation)
+        # Release the claim, then say goodbye: the LEAVE retires this incarnation, and its
+        # receivers adopt whatever copies of ours are left without waiting for a lease.
+        await self.transport.release(self.ctx.claim_key(self.name), self.incarnation)
+        self.outbox.send(self.ch_all, m.Leave())
+        await self.outbox.flush()
         await self.transport.close()
 
-    # -- called by the manager ------------------------------------------------------------
-    async def replicate(self, entry: Entry) -> None:
-        """Send a committed session to its backup; in sync mode wait for the ack."""
-        deadline = time.monotonic() + self.config.ack_timeout
-        for _attempt in range(3):
-            fut = self._enqueue(entry)
-            if fut is None or self.config.replication == "async":
-                return
-            # The future is this request's own, so it is awaited directly with a timer of
-            # its own; asyncio.wait_for(shield(...)) cost five more objects per waiting
-            # request, and a sync write waits across loop iterations: with tens of writes
-            # in flight, those objects survived into the older GC generations and set off
-            # full collections (about 10 ms each) several times a second.
-            timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), _time_out, fut)
-            try:
-                await fut
-                return
-            except NoReceiver:
-                continue  # the backup was marked suspect: the next attempt picks another
-            except TimeoutError:
-                self.stats.ack_timeouts += 1
-                self._warn.warning(
-                    "ack", "clustersess: no ack from backup within %.2fs; queued for re-replication",
-                    self.config.ack_timeout,
-                )
-                self.outbox.requeue.add(entry.token)
-                return
-            except TransportError:
-                return  # counted and queued by the flusher
-            finally:
-                timer.cancel()
-        self.outbox.requeue.add(entry.token)
+    # == called by the manager =================================================================
+    async def acquire(self, token: str) -> Entry | None:
+        """Take session ``token`` over (a request for it arrived here)."""
+        return await self.ownership.acquire(token)
 
-    def buried(self, tokens: list[str], reason: str) -> None:
-        for t in tokens:
-            self.outbox.requeue.discard(t)
-        fut = self.outbox.send(self.ch_all, m.Invalidate(tuple(tokens), reason), counted=True)
-        assert fut is not None
-        fut.add_done_callback(consume)
-        self.unsettled.append(fut)
+    async def replicate(self, entry: Entry) -> bool:
+        """Replicate a committed session; True if it is confirmed (see Replication)."""
+        return await self.replication.replicate(entry)
 
-    async def settle(self) -> None:
-        """Wait until invalidations sent so far are published (sync mode), bounded.
+    def can_replicate(self) -> bool:
+        """False while fenced: a write now would not be claimed as replicated."""
+        return self.ctx.healthy()
 
-        A logout must reach the cluster before the user sees it succeed; otherwise an
-        owner killed right after could leave a live copy on its backup.
-        """
-        if not self.unsettled:
-            return
-        pending = self.unsettled.copy()
-        self.unsettled.clear()
-        if self.config.replication == "sync":
-            await asyncio.wait(pending, timeout=self.config.ack_timeout)
+    def buried(self, tokens: dict[str, str | None]) -> None:
+        """These sessions were logged out or rotated away here (token -> its backup)."""
+        self.replication.buried(tokens)
+
+    async def settle(self) -> bool:
+        """Wait until the logouts sent so far are acknowledged (sync mode), bounded."""
+        return await self.replication.settle()
 
     def reclaim(self, entry: Entry) -> None:
+        """A request committed to a session that moved away while it ran: take it back so
+        that its write meets the new owner's copy (newest write wins)."""
         self.stats.writes_after_handoff += 1
-        self._warn.warning(
-            "reclaim", "clustersess: a request finished after its session moved to another node; its change is dropped"
+        self.ctx.warn.warning(
+            "reclaim", "clustersess: a request finished after its session moved to another node; reconciling"
+        )
+        self.ownership.reclaim(entry.token)
+
+    def health(self) -> Health:
+        return self.proof.health(self._mono(), transport_up=self.transport.connected)
+
+    # == receiving =============================================================================
+    def _on_message(self, channel: str, raw: bytes) -> None:
+        self._last_traffic = self._mono()
+        self.inbox.on_message(channel, raw)
+
+    async def _on_connect(self, first: bool) -> None:
+        now = self._mono()
+        gap = now - self._last_traffic if self._last_traffic > float("-inf") else 0.0
+        self._watch_since = now
+        self.proof.disconnected()
+        self._connected.set()
+        if self.proof.state is not State.JOINING and not self._superseded_by:
+            self._beat(hello=True)
+        if not first:
+            # We may have missed messages while disconnected: a gap. Owners send us what
+            # we may lack (incrementally), and what we never had acknowledged goes again.
+            self.stats.redis_reconnects += 1
+            self.replication.request_resync(gap + self.timing.drop_time)
+            self.replication.retry_requeued()
+
+    def _sent(self, channel: str, seq: int, body: m.Body) -> None:
+        if isinstance(body, m.Heartbeat) and channel == self.ch_all:
+            self.proof.sent(seq, self._mono())
+
+    def _echo(self, seq: int) -> None:
+        now = self._mono()
+        self.proof.echoed(seq, now)
+        self._watch_since = now
+
+    def _twin(self, incarnation: str) -> None:
+        self._twin_seen = True
+        self.ctx.warn.warning(
+            "dup", "clustersess: another node also calls itself %s; rename one (CLUSTERSESS_NODE)", self.name
         )
 
-    async def acquire(self, token: str, route: str) -> Entry | None:
-        """Take session ``token`` over (a request for it arrived here)."""
-        for _ in range(3):
-            running = self._acquiring.get(token)
-            if running is None:
-                break
-            # Another request here is already taking it over: share its result, unless
-            # the session moved on again while we waited to resume (our request was not
-            # in flight yet, so the owner could hand it over without waiting for it).
-            entry = await asyncio.shield(running)
-            if entry is None or self.store.owned.get(token) is entry:
-                return entry
-        running = self._acquiring.get(token)
-        if running is not None:  # still contended after three tries: take what it gets
-            return await asyncio.shield(running)
-        fut: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
-        self._acquiring[token] = fut
-        try:
-            entry = await self._acquire(token)
-        except Exception:
-            log.exception("clustersess: takeover of a session failed")
-            entry = None
-        finally:
-            del self._acquiring[token]
-        fut.set_result(entry)
-        return entry
+    def _joined(self, member: Member, replaced: Member | None) -> None:
+        if replaced is not None:
+            log.warning("clustersess: member %s restarted as a new incarnation", member.name)
+            # Its previous life is gone with its memory: what it owned we adopt, what it
+            # backed up goes to a backup again.
+            self._spawn(self.ownership.adopt_from(member.name), "clustersess-adoption")
+            self.replication.rebalance_soon(refill=member.name)
+        else:
+            log.info("clustersess: member %s joined (%d live)", member.name, len(self.members.members))
+            self.replication.rebalance_soon()
 
-    async def _acquire(self, token: str) -> Entry | None:
-        # Each round waits twice the holders' wait for their requests in flight
-        # (_release_when_idle), so a busy owner's answer still arrives in time; stepping
-        # aside for other takeovers is bounded separately.
-        give_up = time.monotonic() + 4 * self.config.ack_timeout
-        attempt = 0
-        try:
-            while True:
-                # While our FETCH is out and until we own the session, we answer other
-                # takeovers of it with "busy", so two nodes never both win one epoch.
-                self._contending.add(token)
-                replies = await self._fetch_round(token, time.monotonic() + 2 * self.config.ack_timeout)
-                if not any(r.busy for r in replies) or time.monotonic() >= give_up:
-                    break
-                # Another node is taking it over at this very moment: step aside (not
-                # busy ourselves meanwhile) and ask again; it will hand it over then.
-                self._contending.discard(token)
-                attempt += 1
-                self.stats.takeover_retries += 1
-                await asyncio.sleep(random.uniform(0.001, 0.004) * min(attempt, 8))
-            return await self._take(token, replies)
-        finally:
-            self._contending.discard(token)
+    def _back(self, member: Member) -> None:
+        log.warning("clustersess: member %s is heard again", member.name)
+        self.replication.rebalance_soon()
 
-    async def _fetch_round(self, token: str, deadline: float) -> list[m.FetchReply]:
-        """Ask every member for its copy of ``token``; returns the answers heard in time."""
-        if not self.transport.connected:
-            return []
-        req = os.urandom(8).hex()
-        fetch = self._fetches[req] = _Fetch()
-        try:
-            counted = self.outbox.send(self.ch_all, m.Fetch(req, token), counted=True)
-            assert counted is not None
-            receivers = await asyncio.wait_for(counted, max(0.001, deadline - time.monotonic()))
-            fetch.expected = receivers - 1  # we hear our own broadcast
-            if len(fetch.replies) < fetch.expected:
-                await asyncio.wait_for(fetch.done.wait(), max(0.001, deadline - time.monotonic()))
-        except (TimeoutError, TransportError):
-            self._warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
-        finally:
-            del self._fetches[req]
-        return fetch.replies
+    def _left(self, member: Member) -> None:
+        log.info("clustersess: member %s left (%d live)", member.name, len(self.members.members))
+        self._spawn(self.ownership.adopt_from(member.name), "clustersess-adoption")
+        self.replication.rebalance_soon()
 
-    async def _take(self, token: str, replies: list[m.FetchReply]) -> Entry | None:
-        local = [e for e in (self.store.owned.get(token), self.store.backups.get(token)) if e is not None]
-        if any(r.dead for r in replies):
-            self.store.bury(token, self.clock.time() + self.config.max_inactive + 60.0)
-            return None
-        best: Entry | None = max(local, key=Entry.order, default=None)
-        for r in replies:
-            if r.state is not None and (best is None or (r.state.epoch, r.state.version) > best.order()):
-                best = _entry_from(r.state)
-        if best is None:
-            self.stats.takeover_misses += 1
-            return None
-        if best is self.store.owned.get(token):
-            return best  # already ours, and nobody holds a newer copy
-        entry = self._promote(best)
-        self.stats.takeovers += 1
-        await self.replicate(entry)
-        self.outbox.send(self.ch_all, m.Owned(token, entry.epoch, entry.backup))
-        return entry
+    def _gap(self, src: str, missed: int) -> None:
+        self.replication.request_resync(self.timing.drop_time)
 
-    def _promote(self, best: Entry) -> Entry:
-        """Make this node the owner of ``best``'s session at a new epoch."""
-        token = best.token
-        entry = self.store.owned.get(token)
-        if entry is None:
-            entry = Entry(token=token, owner=self.name, created=best.created, last_accessed=best.last_accessed)
-        if entry.session is not None and entry.payload != best.payload:
-            entry.session.replace_all(codec.decode(best.payload))
-        entry.payload = best.payload
-        entry.version = best.version
-        entry.created = best.created
-        entry.last_accessed = max(entry.last_accessed, best.last_accessed)
-        entry.epoch = best.epoch + 1
-        entry.owner = self.name
-        self.store.backups.pop(token, None)
-        self.store.owned[token] = entry
-        return entry
+    def _on_heartbeat(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Heartbeat)
+        member.address, member.owned, member.backups = body.address, body.owned, body.backups
+        if member.zone != body.zone:  # first heartbeat of this member: its backups may move
+            member.zone = body.zone
+            self.replication.rebalance_soon()
+        member.skew = body.wall - self.ctx.wall()
+        if body.hello and self.proof.state is not State.JOINING:
+            self._beat()
 
-    # -- sending --------------------------------------------------------------------------
-    def _unreachable(self, channel: str) -> None:
-        """Nobody listens on a backup's channel: do not pick it again until it is heard."""
-        for member in self.members.members.values():
-            if self.channel(member.name) == channel:
-                member.suspect = True
-
-    def _enqueue(self, entry: Entry, *, handoff: bool = False) -> asyncio.Future[None] | None:
-        exclude = (entry.owner,) if entry.owner != self.name else ()
-        backup = self.members.backup_for(entry.token, exclude=exclude)
-        entry.backup = backup
-        if backup is None:
-            if self.members.members:
-                # Members exist but none answers right now (all suspect, e.g. they have
-                # not re-subscribed after a Redis restart yet): keep it for the retry.
-                self.outbox.requeue.add(entry.token)
-            elif not self._lone_logged:
-                log.warning("clustersess: node %s is alone in the cluster; sessions have no backup", self.name)
-                self._lone_logged = True
-            return None
-        self._lone_logged = False
-        return self.outbox.replicate(self.channel(backup), entry, handoff=handoff)
-
-    # -- periodic work --------------------------------------------------------------------
+    # == periodic work =========================================================================
     async def _heartbeat(self) -> None:
         while True:
-            if self.transport.connected:
-                self._beat()
-                try:
-                    holder = await self.transport.claim(self.claim_key, self.incarnation, self.config.drop_time)
-                    if holder != self.incarnation:
-                        self._warn.warning(
-                            "dup", "clustersess: another live node also calls itself %s; rename one (CLUSTERSESS_NODE)",
-                            self.name,
-                        )
-                except TransportError:
-                    pass
-                for member in self.members.expire(time.monotonic()):
-                    self._member_lost(member.name, f"no heartbeat for {self.config.drop_time:.1f}s")
-                self._retry_requeued()
-                self.outbox.expire_acks(time.monotonic() - max(10.0, self.config.ack_timeout * 4))
-            await asyncio.sleep(self.config.heartbeat_interval)
+            await self._tick()
+            await asyncio.sleep(self.timing.heartbeat)
+
+    async def _tick(self) -> None:
+        now = self._mono()
+        if not self.transport.connected:
+            self.proof.disconnected()
+            return
+        state = self.proof.state
+        if state is State.SUPERSEDED or state is State.STOPPING:
+            return
+        if state is State.JOINING:
+            await self._claim()
+            return
+        self._beat()
+        proof = self.proof
+        # Watchdog: our own heartbeats stopped coming back although the transport says it
+        # is connected (a silently dead subscription): reconnect, which is then a gap.
+        if not proof.connected(now) and now - self._watch_since > self.timing.echo_timeout:
+            self._watch_since = now
+            self.stats.watchdog_resets += 1
+            log.warning("clustersess: our own heartbeats stopped coming back; reconnecting to Redis")
+            self.transport.reset()
+            return
+        if proof.connected(now):
+            await self._renew()
+        if self.ctx.healthy():
+            self._suspect(now)
+            await self._adopt_suspects()
+            self.replication.retry_requeued()
+            self.replication.retry_tombstones()
+            self.replication.send_drops()
+        self.outbox.expire_acks(now - self.timing.ack_expiry)
 
     def _beat(self, hello: bool = False) -> None:
         self.outbox.send(
             self.ch_all,
-            m.Heartbeat(self.address, len(self.store.owned), len(self.store.backups), hello, self.config.zone),
+            m.Heartbeat(
+                self.address,
+                len(self.store.owned),
+                len(self.store.backups),
+                self.ctx.wall(),
+                hello,
+                self.config.zone,
+            ),
         )
 
-    def _retry_requeued(self) -> None:
-        if not self.outbox.requeue:
+    async def _renew(self) -> None:
+        sent = self._mono()
+        ctx = self.ctx
+        try:
+            answer = await self.transport.refresh(
+                ctx.claim_key(self.name), self.incarnation, self.timing.lease_ttl,
+                ctx.adopted_key(self.name, self.incarnation),
+            )  # fmt: skip
+        except TransportError as exc:
+            ctx.warn.warning("lease", "clustersess: could not renew this node's lease (%s)", exc)
             return
-        tokens, self.outbox.requeue = self.outbox.requeue, set()
-        for token in tokens:
-            entry = self.store.owned.get(token)
-            if entry is not None:
-                fut = self._enqueue(entry)
-                if fut is not None:
-                    fut.add_done_callback(consume)
+        if answer == "held":
+            self.proof.renewed(sent)
+        elif answer == "lapsed":
+            # It expired (a long pause, a Redis outage or restart), and nobody adopted our
+            # sessions: we hold it again; what we may have missed meanwhile is a gap.
+            self.proof.renewed(sent)
+            log.warning("clustersess: this node's lease had lapsed; nobody adopted its sessions, resyncing")
+            self.replication.request_resync(self.timing.drop_time * 2)
+        elif answer == "adopted":
+            await self._rejoin()
+        else:
+            self._superseded(answer.partition(":")[2])
+
+    def _superseded(self, holder: str) -> None:
+        self._superseded_by = holder or "?"
+        self.proof.state = State.SUPERSEDED
+        self.proof.reason = "a newer node of the same name holds the name"
+        log.error(
+            "clustersess: another process now runs as node %s (incarnation %s); this one stays fenced and "
+            "serves no cluster work: stop it",
+            self.name, holder,
+        )  # fmt: skip
+
+    async def _rejoin(self) -> None:
+        """Our sessions were adopted while we were away: start a new life, and take over
+        again the sessions we wrote meanwhile, so that the newest write wins."""
+        proof = self.proof
+        proof.state = State.REJOINING
+        proof.reason = "its sessions were adopted while it was cut off; rejoining"
+        proof.lapse()
+        self.stats.rejoins += 1
+        log.warning("clustersess: this node's sessions were adopted while it was cut off; rejoining")
+        dirty = [t for t in self.outbox.unacknowledged() if t in self.store.owned]
+        for token, entry in list(self.store.owned.items()):
+            del self.store.owned[token]
+            self.store.backups[token] = entry
+        self.ownership.unconfirmed.clear()
+        self.incarnation = new_incarnation()
+        self.outbox.new_life(self.incarnation)
+        self.outbox.requeue.clear()
+        if not await self._claim():
+            return  # the heartbeat task keeps trying (REJOINING is fenced)
+        for token in dirty:
+            self.ownership.reclaim(token)
+
+    def _suspect(self, now: float) -> None:
+        since = self.proof.connected_stretch(now)
+        if since is None:
+            return
+        for member in self.members.silent(now, since, self.timing.drop_time):
+            member.suspected = True
+            self.stats.members_suspected += 1
+            log.warning(
+                "clustersess: member %s silent for %.1fs; suspected (its sessions are adopted once its lease lapses)",
+                member.name, self.timing.drop_time,
+            )  # fmt: skip
+            self.replication.rebalance_soon()
+
+    async def _adopt_suspects(self) -> None:
+        ctx = self.ctx
+        for member in [mb for mb in self.members.members.values() if mb.suspected]:
+            try:
+                lapsed = await self.transport.adopt(
+                    ctx.claim_key(member.name), member.incarnation,
+                    ctx.adopted_key(member.name, member.incarnation), self.timing.adoption_marker_ttl,
+                )  # fmt: skip
+            except TransportError:
+                return
+            if not lapsed or not member.suspected:
+                continue  # its lease still holds (or it was heard meanwhile): wait
+            self.members.retire(member.name, member.incarnation)
+            self.inbox.forget(member.name, member.incarnation)
+            log.warning("clustersess: member %s lost: silent and its lease lapsed (%d live)", member.name, len(self.members.members))
+            self._spawn(self.ownership.adopt_from(member.name), "clustersess-adoption")
+            self.replication.rebalance_soon()
 
     async def _access_flusher(self) -> None:
         # A read costs the cluster nothing per request: every access_every, one pass over
         # the owned sessions finds those used since the last pass and tells their backups
         # (coalesced), so a session that is only read is not expired on its backup.
-        since = self.clock.time()
+        since = self.ctx.wall()
         while True:
-            await asyncio.sleep(self.access_every)
+            await asyncio.sleep(self.timing.access_every)
             if not self.transport.connected:
                 continue  # the first pass after reconnecting covers the outage too
-            now = self.clock.time()
-            self.send_accesses(since)
-            # If the wall clock went back, accesses stamped before `since` are caught by
-            # the next pass: one interval late, and the interval is a quarter of the
-            # time a backup waits before expiring.
+            now = self.ctx.wall()
+            self.replication.send_accesses(since)
             since = now
 
-    def send_accesses(self, since: float) -> int:
-        """Send the last access time of every owned session used at or after ``since`` to
-        its backup; returns how many sessions that covered."""
-        by_backup: dict[str, list[tuple[str, int, float]]] = {}
-        for e in self.store.owned.values():
-            if e.last_accessed >= since and e.backup is not None:
-                by_backup.setdefault(e.backup, []).append((e.token, e.epoch, e.last_accessed))
-        for dest, items in by_backup.items():
-            for i in range(0, len(items), 500):
-                self.outbox.send(self.channel(dest), m.Accessed(tuple(items[i : i + 500])))
-        return sum(map(len, by_backup.values()))
+    def _unreachable(self, channel: str) -> None:
+        """Nobody listens on a backup's channel: do not pick it again until it is heard."""
+        for member in self.members.members.values():
+            if self.ctx.channel(member.name) == channel:
+                member.unreachable = True
 
-    # -- receiving ------------------------------------------------------------------------
-    @staticmethod
-    def reconnect_cap(drop_time: float) -> float:
-        """Longest wait between reconnect attempts: well under the drop time, so that after
-        a Redis restart every node is back before any other declares it dead."""
-        return max(0.1, min(2.0, drop_time / 3))
-
-    async def _on_connect(self, first: bool) -> None:
-        # Silence while we were cut off proves nothing, and the others may need up to
-        # one backoff step longer than we did to come back: give them that much extra.
-        self.members.refresh_all(time.monotonic() + self.reconnect_cap(self.config.drop_time))
-        self._connected.set()
-        self._beat(hello=True)
-        if not first:
-            # We may have missed messages while disconnected: treat it as a gap. Our
-            # own sessions go to their backups again, and owners resend what we back up.
-            self.stats.redis_reconnects += 1
-            self.stats.resyncs += 1
-            self.outbox.requeue.update(self.store.owned)
-            self._retry_requeued()
-            self.outbox.send(self.ch_all, m.Resync())
-            self._send_tombstones(self.ch_all)  # logouts we could not publish
-
-    def _on_message(self, channel: str, raw: bytes) -> None:
-        self.stats.messages_received += 1
-        self.stats.bytes_received += len(raw)
-        try:
-            env = self.codec.decode(raw)
-        except BadMac:
-            self.stats.messages_dropped_auth += 1
-            self._warn.warning("auth", "clustersess: dropped a cluster message that failed authentication")
-            return
-        except Exception:  # ValueError by contract; anything else must not kill the receiver
-            self.stats.messages_dropped_malformed += 1
-            self._warn.warning("malformed", "clustersess: dropped a malformed cluster message")
-            return
-        try:
-            self._dispatch(channel, env)
-        except Exception:  # a bug must not kill the receiver
-            self.stats.messages_dropped_malformed += 1
-            log.exception("clustersess: error while applying a %s message", env.body.TYPE.value)
-
-    def _dispatch(self, channel: str, env: m.Envelope) -> None:
-        src = env.src
-        if src == self.name:
-            if env.inc < self.incarnation:
-                self._older_twin = env.inc  # a live node had this name before us
-            if env.inc != self.incarnation:
-                self._warn.warning(
-                    "dup", "clustersess: another node also calls itself %s; rename one (CLUSTERSESS_NODE)", src
-                )
-            return
-        broadcast = channel == self.ch_all
-        key = (src, env.inc, broadcast)
-        last = self._last_seq.get(key)
-        if last is not None and env.seq <= last:
-            self.stats.messages_dropped_replay += 1
-            return
-        if not self.members.is_current(src, env.inc):
-            self.stats.messages_dropped_stale += 1
-            return
-        self._last_seq[key] = env.seq
-        if last is not None and env.seq > last + 1 and not broadcast:
-            self.stats.gaps_detected += 1
-            self._warn.warning("gap", "clustersess: missed %d message(s) from %s; asking it to resync", env.seq - last - 1, src)
-            self.outbox.send(self.channel(src), m.Resync())
-        body = env.body
-        if isinstance(body, m.Leave):
-            if self.members.leave(src, env.inc) is not None:
-                self._member_lost(src, "left")
-            return
-        zone = body.zone if isinstance(body, m.Heartbeat) else None
-        is_new, replaced = self.members.heard(src, env.inc, time.monotonic(), zone=zone)
-        if replaced is not None:
-            self._member_lost(src, "restarted as a new incarnation")
-        if is_new:
-            self._member_joined(src)
-        handler = getattr(self, "_on_" + body.TYPE.value)
-        handler(src, env, body)
-
-    def _on_heartbeat(self, src: str, env: m.Envelope, body: m.Heartbeat) -> None:
-        member = self.members.members.get(src)
-        if member is not None:
-            member.address, member.owned, member.backups = body.address, body.owned, body.backups
-            if member.zone != body.zone:  # first heard from through another message
-                member.zone = body.zone
-                self._rebalance()
-        if body.hello:
-            self._beat()
-
-    def _on_replicate(self, src: str, env: m.Envelope, body: m.Replicate) -> None:
-        now = self.clock.time()
-        stale: list[str] = []
-        adopted: list[Entry] = []
-        for st in body.sessions:
-            token = st.token
-            if self.store.is_dead(token, now):
-                self.stats.messages_dropped_stale += 1
-                continue
-            cur = self.store.owned.get(token) or self.store.backups.get(token)
-            if cur is not None and cur.order() >= (st.epoch, st.version):
-                if cur.epoch > st.epoch:
-                    stale.append(token)
-                if cur.order() > (st.epoch, st.version):
-                    self.stats.messages_dropped_stale += 1
-                elif body.handoff and token in self.store.backups:
-                    adopted.append(cur)  # we already hold this exact version
-                continue
-            if self.store.owned.pop(token, None) is not None:
-                log.info("clustersess: a session moved to %s at a newer epoch", src)
-            copy = _entry_from(st)
-            self.store.backups[token] = copy
-            self.stats.replications_applied += 1
-            if self.config.notify_listeners_on_replication:
-                self.manager._fire("changed" if cur is not None else "created", copy, replicated=True)
-            if body.handoff:
-                adopted.append(copy)
-        self.outbox.send(self.channel(src), m.Ack(env.seq, tuple(stale)))
-        for copy in adopted:
-            self._adopt(copy)
-
-    def _adopt(self, copy: Entry) -> None:
-        entry = self._promote(copy)
-        self.stats.adopted += 1
-        fut = self._enqueue(entry)
-        if fut is not None:
-            fut.add_done_callback(consume)
-
-    def _on_ack(self, src: str, env: m.Envelope, body: m.Ack) -> None:
-        self.outbox.acked(self.channel(src), body.ack)
-        for token in body.stale:
-            entry = self.store.owned.pop(token, None)
-            if entry is not None:
-                log.info("clustersess: %s holds a newer epoch of a session; dropping our copy", src)
-
-    def _on_accessed(self, src: str, env: m.Envelope, body: m.Accessed) -> None:
-        for token, epoch, ts in body.items:
-            copy = self.store.backups.get(token)
-            if copy is not None and copy.epoch == epoch and ts > copy.last_accessed:
-                copy.last_accessed = ts
-
-    def _on_invalidate(self, src: str, env: m.Envelope, body: m.Invalidate) -> None:
-        until = self.clock.time() + self.config.max_inactive + 60.0
-        for token in body.tokens:
-            had = self.store.owned.get(token) or self.store.backups.get(token)
-            self.store.bury(token, until)
-            if had is not None and self.config.notify_listeners_on_replication:
-                self.manager._destroyed(had, body.reason, replicated=True)  # type: ignore[arg-type]
-
-    def _on_fetch(self, src: str, env: m.Envelope, body: m.Fetch) -> None:
-        token = body.token
-        if self.store.is_dead(token, self.clock.time()):
-            self.outbox.send(self.channel(src), m.FetchReply(body.request, token, None, dead=True))
-            return
-        if token in self._contending:
-            self.outbox.send(self.channel(src), m.FetchReply(body.request, token, None, busy=True))
-            return
-        owned = self.store.owned.get(token)
-        if owned is not None and owned.inflight > 0 and self._tg is not None:
-            self._tg.create_task(self._release_when_idle(src, body, owned))
-            return
-        self._answer_fetch(src, body)
-
-    async def _release_when_idle(self, src: str, body: m.Fetch, entry: Entry) -> None:
-        # Let requests in flight here commit before the session leaves (bounded).
-        deadline = time.monotonic() + self.config.ack_timeout
-        while entry.inflight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.002)
-        self._answer_fetch(src, body)
-
-    def _answer_fetch(self, src: str, body: m.Fetch) -> None:
-        token = body.token
-        owned = self.store.owned.pop(token, None)
-        if owned is not None:
-            # Give up ownership; keep the copy as a backup until the new owner's epoch
-            # is confirmed, in case the new owner dies before replicating.
-            self.store.backups[token] = owned
-        copy = owned or self.store.backups.get(token)
-        state = state_of(copy) if copy is not None and copy.version > 0 else None
-        self.outbox.send(self.channel(src), m.FetchReply(body.request, token, state))
-
-    def _on_fetch_reply(self, src: str, env: m.Envelope, body: m.FetchReply) -> None:
-        fetch = self._fetches.get(body.request)
-        if fetch is None:
-            return
-        fetch.replies.append(body)
-        if fetch.expected >= 0 and len(fetch.replies) >= fetch.expected:
-            fetch.done.set()
-
-    def _on_owned(self, src: str, env: m.Envelope, body: m.Owned) -> None:
-        token = body.token
-        mine = self.store.owned.get(token)
-        if mine is not None and mine.epoch == body.epoch and src < self.name:
-            # Two takeovers won the same epoch (possible only when a takeover ran out of
-            # time while another node was busy taking the session): the lower name keeps it.
-            self.stats.takeover_conflicts += 1
-            self._warn.warning("conflict", "clustersess: %s won a concurrent takeover; yielding", src)
-            self.store.owned.pop(token)
-            self.store.backups[token] = mine
-            return
-        for table in (self.store.owned, self.store.backups):
-            cur = table.get(token)
-            if cur is not None and cur.epoch < body.epoch and body.backup != self.name:
-                del table[token]
-
-    def _on_resync(self, src: str, env: m.Envelope, body: m.Resync) -> None:
-        self.stats.resyncs += 1
-        for entry in self.store.owned.values():
-            if self.members.backup_for(entry.token) == src:
-                fut = self._enqueue(entry)
-                if fut is not None:
-                    fut.add_done_callback(consume)
-        self._send_tombstones(self.channel(src))  # logouts it may have missed
-
-    def _send_tombstones(self, channel: str) -> None:
-        """Announce the live tombstones again: an INVALIDATE lost in an outage would leave a
-        copy that a backup adopts (and serves) when the owner dies."""
-        now = self.clock.time()
-        dead = [t for t, until in self.store.tombstones.items() if until > now]
-        for i in range(0, len(dead), 500):
-            self.outbox.send(channel, m.Invalidate(tuple(dead[i : i + 500])))
-
-    # -- membership changes ---------------------------------------------------------------
-    def _member_joined(self, name: str) -> None:
-        log.info("clustersess: member %s joined (%d live)", name, len(self.members.members))
-        self._rebalance()
-
-    def _member_lost(self, name: str, why: str) -> None:
-        log.warning("clustersess: member %s lost: %s (%d live)", name, why, len(self.members.members))
-        for key in [k for k in self._last_seq if k[0] == name]:
-            del self._last_seq[key]
-        # Sessions whose owner was the lost member: their backup (as the owner chose it)
-        # adopts them, so they get a new backup and survive a second failure.
-        # Without ``name``: after a restart its new incarnation is already a member again,
-        # but the owner chose among the others.
-        view = (set(self.members.members) - {name}) | {self.name}
-        for copy in list(self.store.backups.values()):
-            if copy.owner == name and self.members.backup_chosen_by(name, copy.token, view) == self.name:
-                self._adopt(copy)
-        self._rebalance()
-
-    def _rebalance(self) -> None:
-        """Re-replicate every owned session whose backup is no longer the right one."""
-        if self._stopping:
-            return
-        for entry in self.store.owned.values():
-            if entry.version > 0 and self.members.backup_for(entry.token) != entry.backup:
-                fut = self._enqueue(entry)
-                if fut is not None:
-                    fut.add_done_callback(consume)
-
-    # -- status ---------------------------------------------------------------------------
+    # == status ================================================================================
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
+        now = self._mono()
+        health = self.health()
+        skew_warn = 2.0
         members: list[dict[str, Any]] = [
             {
                 "name": self.name,
                 "incarnation": self.incarnation,
-                "state": "up" if self.transport.connected else "disconnected",
+                "state": "up" if health.ok else health.state,
                 "self": True,
                 "address": self.address,
-                "zone": self.config.zone,
                 "owned": len(self.store.owned),
                 "backups": len(self.store.backups),
+                "zone": self.config.zone,
             }
         ]
         for member in sorted(self.members.members.values(), key=lambda x: x.name):
@@ -733,34 +583,35 @@ class ClusterNode:
                 {
                     "name": member.name,
                     "incarnation": member.incarnation,
-                    "state": "suspect" if member.suspect else "up",
+                    "state": "suspected" if member.suspected else "leaving" if member.leaving else "up",
                     "self": False,
                     "address": member.address,
-                    "zone": member.zone,
                     "owned": member.owned,
                     "backups": member.backups,
-                    "last_seen": round(max(0.0, now - member.last_seen), 3),
+                    "zone": member.zone,
+                    "last_seen": round(max(0.0, now - member.last_heard), 3),
+                    "skew": round(member.skew, 3),
                 }
             )
+        skewed = [mb.name for mb in self.members.members.values() if abs(mb.skew) > skew_warn]
+        if skewed:
+            self.ctx.warn.warning(
+                "skew", "clustersess: wall clocks of %s differ from ours by more than %.0fs", ", ".join(skewed), skew_warn
+            )
+        echo = self.proof.echo_sent
         return {
             "members": members,
             "connected": self.transport.connected,
             "incarnation": self.incarnation,
+            "health": health.as_dict(),
+            "lease_remaining": round(max(0.0, self.proof.lease_until - now), 3),
+            "echo_age": None if echo is None else round(now - echo, 3),
+            "clock_skew_warning": skewed,
             "pending_replication": self.pending_replication(),
+            "unconfirmed": len(self.ownership.unconfirmed),
+            "tasks": {name: info.as_dict() for name, info in self.tasks.items()},
         }
 
     def pending_replication(self) -> int:
         """Sessions whose latest version is not yet acknowledged by a backup."""
         return self.outbox.pending()
-
-
-def _entry_from(state: m.SessionState) -> Entry:
-    return Entry(
-        token=state.token,
-        owner=state.owner,
-        created=state.created,
-        last_accessed=state.last_accessed,
-        epoch=state.epoch,
-        version=state.version,
-        payload=state.data.encode("utf-8"),
-    )

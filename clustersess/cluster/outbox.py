@@ -2,8 +2,10 @@
 
 One flusher task publishes, one batch at a time, so messages leave in sequence order
 (receivers treat a lower sequence number as a replay). Replication requests made by
-concurrent requests are coalesced: one REPLICATE per backup per flush, all of a flush in
-one pipelined round trip, which is what keeps sync replication cheap under load.
+concurrent requests are coalesced: one REPLICATE per backup per flush (split at about
+``BATCH_BYTES``), all of a flush in one pipelined round trip, which is what keeps sync
+replication cheap under load. Each session's waiter learns what the backup did with
+*that* session: applied (``None``) or a :class:`~.messages.Refusal`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ from ..stats import Stats
 from ..store import LocalStore
 from . import messages as m
 from .transport import Transport, TransportError
-from .wire import Codec
+from .wire import BATCH_BYTES, Codec
 
-BATCH = 200  # sessions per REPLICATE message
+#: bytes a session adds to a frame beside its data (token, owner, vector, numbers)
+_STATE_OVERHEAD = 200
 
 
 class NoReceiver(Exception):
     """Nobody was subscribed to the backup's channel (dead, or disconnected from Redis)."""
+
+
+class NotOwner(Exception):
+    """The session stopped being ours before its state was sent."""
 
 
 class RateLimitedLog:
@@ -38,27 +45,32 @@ class RateLimitedLog:
 
     def warning(self, kind: str, msg: str, *args: Any) -> None:
         now = time.monotonic()
-        if now - self._last.get(kind, 0.0) >= 1.0:
+        if now - self._last.get(kind, -1e9) >= 1.0:
             self._last[kind] = now
             self._log.warning(msg, *args)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
 class _AckWait:
-    waiters: list[asyncio.Future[None]]
+    #: token -> futures of the requests waiting for that session's fate
+    waiters: dict[str, list[asyncio.Future[m.Refusal | None]]]
+    #: token -> version sent
     versions: dict[str, int]
+    #: futures waiting for the whole message's ACK
+    whole: list[asyncio.Future[m.Ack]]
     sent: float
 
 
-def state_of(entry: Entry) -> m.SessionState:
+def state_of(entry: Entry, now: float) -> m.SessionState:
+    """``entry`` as it travels; ``now`` is this node's wall clock (times go relative)."""
     return m.SessionState(
         entry.token,
         entry.owner,
         entry.epoch,
-        entry.version,
-        entry.created,
-        entry.last_accessed,
-        entry.payload.decode("utf-8"),
+        entry.vv,
+        max(0.0, now - entry.created),
+        max(0.0, now - entry.last_accessed),
+        entry.payload,
     )
 
 
@@ -79,50 +91,81 @@ class Outbox:
         stats: Stats,
         store: LocalStore,
         warn: RateLimitedLog,
+        wall: Callable[[], float],
+        mono: Callable[[], float],
         on_unreachable: Callable[[str], None],
+        on_sent: Callable[[str, int, m.Body], None] | None = None,
     ) -> None:
         self._name = name
-        self._incarnation = incarnation
+        self.incarnation = incarnation
         self._codec = codec
         self._transport = transport
         self._stats = stats
         self._store = store
         self._warn = warn
+        self._wall = wall
+        self._mono = mono
         self._on_unreachable = on_unreachable
+        self._on_sent = on_sent
         self._seq: dict[str, int] = {}
-        self._messages: list[tuple[str, m.Body, asyncio.Future[int] | None]] = []
+        self._messages: list[tuple[str, m.Body, asyncio.Future[Any] | None, bool]] = []
         self._pending: dict[tuple[str, bool], dict[str, Entry]] = {}
-        self._pending_waiters: dict[tuple[str, bool], list[asyncio.Future[None]]] = {}
+        self._pending_waiters: dict[tuple[str, bool], dict[str, list[asyncio.Future[m.Refusal | None]]]] = {}
         self._acks: dict[tuple[str, int], _AckWait] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         #: tokens of owned sessions whose latest version still has to reach a backup
-        self.requeue: set[str] = set()
+        #: (a dict for its order: iteration order must not depend on hash seeds)
+        self.requeue: dict[str, None] = {}
+
+    def new_life(self, incarnation: str) -> None:
+        """A new incarnation: its sequence numbers start again; nothing old is awaited."""
+        self.incarnation = incarnation
+        self._seq.clear()
+        for key in list(self._acks):
+            self._fail(key, NotOwner())
 
     def send(self, channel: str, body: m.Body, *, counted: bool = False) -> asyncio.Future[int] | None:
         """Queue a message; with ``counted``, a future of how many subscribers got it."""
-        fut = asyncio.get_running_loop().create_future() if counted else None
-        self._messages.append((channel, body, fut))
+        fut: asyncio.Future[int] | None = asyncio.get_running_loop().create_future() if counted else None
+        self._messages.append((channel, body, fut, False))
         self._wake.set()
         return fut
 
-    def replicate(self, channel: str, entry: Entry, *, handoff: bool = False) -> asyncio.Future[None]:
-        """Queue ``entry``'s state for the backup on ``channel``; the future is its ack."""
+    def send_acked(self, channel: str, body: m.Body) -> asyncio.Future[m.Ack]:
+        """Queue a message whose receiver answers with an ACK; the future is that ACK."""
+        fut: asyncio.Future[m.Ack] = asyncio.get_running_loop().create_future()
+        self._messages.append((channel, body, fut, True))
+        self._wake.set()
+        return fut
+
+    def replicate(self, channel: str, entry: Entry, *, handoff: bool = False) -> asyncio.Future[m.Refusal | None]:
+        """Queue ``entry``'s state for the backup on ``channel``; the future says what the
+        backup did with it."""
         key = (channel, handoff)
         self._pending.setdefault(key, {})[entry.token] = entry
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending_waiters.setdefault(key, []).append(fut)
+        fut: asyncio.Future[m.Refusal | None] = asyncio.get_running_loop().create_future()
+        self._pending_waiters.setdefault(key, {}).setdefault(entry.token, []).append(fut)
         self._wake.set()
         return fut
 
-    def acked(self, channel: str, seq: int) -> None:
-        wait = self._acks.pop((channel, seq), None)
+    def acked(self, channel: str, ack: m.Ack) -> None:
+        wait = self._acks.pop((channel, ack.ack), None)
         if wait is None:
             return
-        self._stats.ack_latency.observe(time.monotonic() - wait.sent)
-        for w in wait.waiters:
-            if not w.done():
-                w.set_result(None)
+        self._stats.ack_latency.observe(self._mono() - wait.sent)
+        refused = {r.token: r for r in ack.refused}
+        for token, futs in wait.waiters.items():
+            result = refused.get(token)
+            for w in futs:
+                if not w.done():
+                    w.set_result(result)
+        for w2 in wait.whole:
+            if not w2.done():
+                w2.set_result(ack)
+        if refused:
+            for token in refused:
+                self.requeue.pop(token, None)  # its fate is decided by the refusal's handler
 
     def expire_acks(self, cutoff: float) -> None:
         """Give up on acks for messages sent before ``cutoff`` (monotonic); requeue them."""
@@ -133,6 +176,15 @@ class Outbox:
         """Sessions whose latest version is not yet acknowledged by a backup."""
         waiting = sum(len(w.versions) for w in self._acks.values())
         return len(self.requeue) + sum(len(p) for p in self._pending.values()) + waiting
+
+    def unacknowledged(self) -> set[str]:
+        """Tokens sent or queued but not acknowledged yet."""
+        out = set(self.requeue)
+        for p in self._pending.values():
+            out.update(p)
+        for w in self._acks.values():
+            out.update(w.versions)
+        return out
 
     async def run(self) -> None:
         while True:
@@ -154,30 +206,37 @@ class Outbox:
         messages, self._messages = self._messages, []
         items: list[tuple[str, bytes]] = []
         results: list[Any] = []  # per item: Future[int] | (channel, seq) | None
-        # Control messages go first: a LEAVE must reach the others before the sessions
-        # handed over with it, or they would pick the leaving node as the new backup.
-        for channel, body, fut in messages:
-            items.append((channel, self._encode(self._next_seq(channel), body)))
-            results.append(fut)
-        owned = self._store.owned
-        for (channel, handoff), entries in pending.items():
-            states = [state_of(e) for e in entries.values() if e.token in owned and e.version > 0]
-            ws = waiters.get((channel, handoff), [])
-            if not states:
-                for w in ws:
-                    if not w.done():
-                        w.set_result(None)
-                continue
-            for i in range(0, len(states), BATCH):
-                chunk = states[i : i + BATCH]
-                seq = self._next_seq(channel)
-                last = i + BATCH >= len(states)
-                self._acks[(channel, seq)] = _AckWait(
-                    ws if last else [], {s.token: s.version for s in chunk}, time.monotonic()
-                )
-                items.append((channel, self._encode(seq, m.Replicate(tuple(chunk), handoff))))
+        now = self._mono()
+        # Control messages go first, in the order they were queued.
+        for channel, body, fut, acked in messages:
+            seq = self._next_seq(channel)
+            items.append((channel, self._encode(channel, seq, body)))
+            if acked:
+                assert fut is not None
+                self._acks[(channel, seq)] = _AckWait({}, {}, [fut], now)
                 results.append((channel, seq))
-                self._stats.replications_sent += len(chunk)
+            else:
+                results.append(fut)
+        owned = self._store.owned
+        wall = self._wall()
+        for (channel, handoff), entries in pending.items():
+            ws = waiters.get((channel, handoff), {})
+            batch: list[m.SessionState] = []
+            size = 0
+            for e in entries.values():
+                if owned.get(e.token) is not e or e.version == 0:
+                    for w in ws.pop(e.token, ()):
+                        if not w.done():
+                            w.set_exception(NotOwner())
+                            consume(w)
+                    continue
+                batch.append(state_of(e, wall))
+                size += len(e.payload) + _STATE_OVERHEAD
+                if size >= BATCH_BYTES:
+                    self._add_batch(items, results, channel, handoff, batch, ws, now)
+                    batch, size = [], 0
+            if batch:
+                self._add_batch(items, results, channel, handoff, batch, ws, now)
         if not items:
             return
         try:
@@ -189,13 +248,31 @@ class Outbox:
                 self._fail(r, exc)
             return
         self._stats.messages_sent += len(items)
-        self._stats.bytes_sent += sum(len(raw) for _, raw in items)
-        for r, n in zip(results, counts):
+        self._stats.bytes_sent += sum(len(data) for _, data in items)
+        for r, n in zip(results, counts, strict=True):
             if isinstance(r, tuple) and n == 0:
                 self._on_unreachable(r[0])
                 self._fail(r, NoReceiver())
             elif isinstance(r, asyncio.Future) and not r.done():
                 r.set_result(n)
+
+    def _add_batch(
+        self,
+        items: list[tuple[str, bytes]],
+        results: list[Any],
+        channel: str,
+        handoff: bool,
+        batch: list[m.SessionState],
+        ws: dict[str, list[asyncio.Future[m.Refusal | None]]],
+        now: float,
+    ) -> None:
+        seq = self._next_seq(channel)
+        self._acks[(channel, seq)] = _AckWait(
+            {s.token: ws.pop(s.token, []) for s in batch}, {s.token: s.version for s in batch}, [], now
+        )
+        items.append((channel, self._encode(channel, seq, m.Replicate(tuple(batch), handoff))))
+        results.append((channel, seq))
+        self._stats.replications_sent += len(batch)
 
     def _fail(self, r: Any, exc: Exception) -> None:
         if isinstance(r, asyncio.Future):
@@ -207,17 +284,27 @@ class Outbox:
             wait = self._acks.pop(r, None)
             if wait is None:
                 return
-            self.requeue.update(wait.versions)
+            for token in wait.versions:
+                if token in self._store.owned:
+                    self.requeue[token] = None
             self._stats.requeued += len(wait.versions)
-            for w in wait.waiters:
-                if not w.done():
-                    w.set_exception(exc)
-                    consume(w)
+            for futs in wait.waiters.values():
+                for w in futs:
+                    if not w.done():
+                        w.set_exception(exc)
+                        consume(w)
+            for w2 in wait.whole:
+                if not w2.done():
+                    w2.set_exception(exc)
+                    consume(w2)
 
     def _next_seq(self, channel: str) -> int:
         seq = self._seq.get(channel, 0) + 1
         self._seq[channel] = seq
         return seq
 
-    def _encode(self, seq: int, body: m.Body) -> bytes:
-        return self._codec.encode(m.Envelope(self._name, self._incarnation, seq, body))
+    def _encode(self, channel: str, seq: int, body: m.Body) -> bytes:
+        if self._on_sent is not None:
+            self._on_sent(channel, seq, body)
+        env = m.Envelope(self._codec.cluster, channel, self._name, self.incarnation, seq, body)
+        return self._codec.encode(env)

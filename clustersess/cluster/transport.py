@@ -136,6 +136,11 @@ class Transport(Protocol):
         """The value of ``key`` (the holder of a name claim), or None."""
         ...
 
+    def reset(self) -> None:
+        """Drop the subscription connection and reconnect now (the node's own broadcasts
+        stopped coming back: a silently dead connection); ``on_connect(False)`` follows."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -160,6 +165,7 @@ class RedisTransport:
         self._pub = aioredis.Redis.from_url(url, socket_timeout=op_timeout, **common)  # type: ignore[arg-type]
         self._sub = aioredis.Redis.from_url(url, socket_timeout=None, **common)  # type: ignore[arg-type]
         self._backoff = ExponentialWithJitterBackoff(cap=backoff_cap, base=0.05)
+        self._reset = False
         self._claim = self._pub.register_script(_CLAIM_LUA)
         self._refresh = self._pub.register_script(_REFRESH_LUA)
         self._adopt = self._pub.register_script(_ADOPT_LUA)
@@ -180,7 +186,10 @@ class RedisTransport:
                 await on_connect(first)
                 first = False
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if self._reset:
+                        self._reset = False
+                        raise rexc.ConnectionError("reset: own messages stopped arriving")
                     if msg is None or msg.get("type") != "message":
                         continue
                     channel = msg["channel"]
@@ -205,6 +214,9 @@ class RedisTransport:
                 except Exception:  # the connection is already broken
                     pass
             await asyncio.sleep(self._backoff.compute(failures))
+
+    def reset(self) -> None:
+        self._reset = True
 
     async def publish(self, items: list[tuple[str, bytes]]) -> list[int]:
         import redis.exceptions as rexc

@@ -1,56 +1,113 @@
-"""Authenticated encoding of envelopes: ``<hex HMAC-SHA256><JSON>``.
+"""Authenticated frames: ``CS2 | HMAC-SHA256 | header length | header JSON | blobs``.
 
-The MAC key is derived from the cluster secret with its own salt, so a cookie signature
-can never pass as a message MAC or the other way round. Any key of the rotation list
-verifies; the newest signs. A message from Redis is untrusted input: decode() raises
-:class:`WireError` subclasses, never anything else.
+The MAC covers every byte after it (the header names the cluster and the channel, so a
+message copied to another channel or cluster is recognised as such), under a key derived
+from the cluster secret with its own salt: a cookie signature can never pass as a message
+MAC or the other way round. Any key of the rotation list verifies; the newest signs.
+
+A message from Redis is untrusted input: :meth:`Codec.decode` raises :class:`WireError`
+subclasses, never anything else, and checks the cheap things first: the frame's structure
+and size before the MAC (an oversized frame costs no hashing and is counted as
+*oversize*, not as an authentication failure), the MAC before parsing any JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
+import struct
 
-from .messages import Envelope, Malformed
+import orjson
 
-SALT = b"clustersess.wire.v1"
-MAC_LEN = 64  # hex digits of SHA-256
-MAX_MESSAGE = 8 * 1024 * 1024
+from .messages import Blobs, Envelope, Malformed
+
+SALT = b"clustersess.wire.v2"
+MAGIC = b"CS2"
+MAC_LEN = 32
+_HLEN = struct.Struct(">I")
+_PREFIX = len(MAGIC) + MAC_LEN + _HLEN.size
+#: the largest frame a receiver accepts (Redis disconnects a pub/sub subscriber whose
+#: output buffer passes 32 MB; a frame this size never gets near it)
+MAX_MESSAGE = 4 * 1024 * 1024
+#: senders split batches of sessions at about this many bytes
+BATCH_BYTES = 512 * 1024
+#: room for a frame's header beside the largest session it carries
+HEADER_ROOM = 64 * 1024
+#: the largest session (bytes of JSON) that fits in one frame
+MAX_SESSION_BYTES = MAX_MESSAGE - HEADER_ROOM
 
 
 class WireError(ValueError):
-    pass
+    """Why a frame was dropped; ``kind`` names the counter it goes to."""
+
+    kind = "malformed"
+
+
+class Oversize(WireError):
+    kind = "oversize"
 
 
 class BadMac(WireError):
-    pass
+    kind = "auth"
 
 
 class BadMessage(WireError):
-    pass
+    kind = "malformed"
+
+
+class WrongChannel(WireError):
+    """Authentic, but published on another channel or by another cluster than it names."""
+
+    kind = "channel"
 
 
 class Codec:
-    def __init__(self, secret_keys: tuple[str, ...]) -> None:
+    def __init__(self, secret_keys: tuple[str, ...], cluster: str) -> None:
         assert secret_keys, "Config guarantees at least one key"
+        self.cluster = cluster
         self._keys = [hmac.new(k.encode(), SALT, hashlib.sha256).digest() for k in reversed(secret_keys)]
 
     def encode(self, envelope: Envelope) -> bytes:
-        payload = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
-        mac = hmac.new(self._keys[0], payload, hashlib.sha256).hexdigest().encode()
-        return mac + payload
+        blobs = Blobs()
+        header = envelope.header(blobs)
+        header["blobs"] = [len(b) for b in blobs.items]
+        head = orjson.dumps(header)
+        body = b"".join([_HLEN.pack(len(head)), head, *blobs.items])
+        return MAGIC + hmac.new(self._keys[0], body, hashlib.sha256).digest() + body
 
-    def decode(self, raw: bytes) -> Envelope:
-        if not isinstance(raw, (bytes, bytearray)) or len(raw) <= MAC_LEN or len(raw) > MAX_MESSAGE:
-            raise BadMac("message too short, too long or not bytes")
-        mac, payload = bytes(raw[:MAC_LEN]), bytes(raw[MAC_LEN:])
+    def decode(self, channel: str, raw: bytes) -> Envelope:
+        """The envelope of ``raw`` as received on ``channel``; raises :class:`WireError`."""
+        if not isinstance(raw, (bytes, bytearray)):
+            raise BadMessage("not bytes")
+        if len(raw) > MAX_MESSAGE:
+            raise Oversize(f"{len(raw)} bytes")
+        if len(raw) < _PREFIX or raw[: len(MAGIC)] != MAGIC:
+            raise BadMessage("not a clustersess frame")
+        (hlen,) = _HLEN.unpack_from(raw, len(MAGIC) + MAC_LEN)
+        if hlen > len(raw) - _PREFIX:
+            raise BadMessage("header length out of range")
+        mac = bytes(raw[len(MAGIC) : len(MAGIC) + MAC_LEN])
+        body = memoryview(raw)[len(MAGIC) + MAC_LEN :]
         for key in self._keys:
-            if hmac.compare_digest(hmac.new(key, payload, hashlib.sha256).hexdigest().encode(), mac):
+            if hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), mac):
                 break
         else:
             raise BadMac("message authentication failed")
         try:
-            return Envelope.from_json(json.loads(payload))
-        except (ValueError, Malformed, RecursionError) as exc:
+            header = orjson.loads(body[_HLEN.size : _HLEN.size + hlen])
+            sizes = header.pop("blobs") if isinstance(header, dict) else None
+            if not isinstance(sizes, list) or any(type(n) is not int or n < 0 for n in sizes):
+                raise Malformed("bad blob table")
+            offset = _PREFIX + hlen
+            if offset + sum(sizes) != len(raw):
+                raise Malformed("blob sizes do not add up")
+            items = []
+            for n in sizes:
+                items.append(bytes(raw[offset : offset + n]))  # an exact-size copy
+                offset += n
+            envelope = Envelope.from_header(header, Blobs(items))
+        except (ValueError, Malformed, RecursionError) as exc:  # orjson.JSONDecodeError is a ValueError
             raise BadMessage(str(exc)) from None
+        if envelope.cluster != self.cluster or envelope.channel != channel:
+            raise WrongChannel(f"published on {channel!r}, names {envelope.cluster!r}/{envelope.channel!r}")
+        return envelope

@@ -1,0 +1,407 @@
+"""Becoming a session's owner, and giving ownership up: takeover, adoption, hand-off.
+
+* **Takeover** (Tomcat's JvmRouteBinderValve, and every reconciliation): the taker asks
+  each live member for its copy (FETCH on each member's direct channel, one pipelined
+  round trip) and waits for an answer from each member that has a subscriber, by name.
+  Holders let requests in flight finish, give ownership up and answer; one that is
+  taking the session over itself answers *busy*. The newest copy by version vector wins
+  (a conflict, if writes on both sides, is resolved deterministically and reported); the
+  taker owns it at the highest epoch seen + 1, replicates it and announces it (OWNED).
+  A round that did not hear every member leaves the ownership *unconfirmed*: it is taken
+  over again once the round can complete.
+* **Adoption**: the sessions of a member whose lease lapsed (``node.py`` decides when) are
+  taken at epoch + 1 by whoever holds their copies; versions stay, since moving a session
+  is not a write.
+* **Hand-off**: a stopping member's REPLICATE(handoff) makes the receiver the owner.
+* **OWNED** makes holders of older epochs step down, or take the session over again when
+  their copy holds writes the announced one lacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+
+from .. import codec, versions
+from ..session import Entry
+from . import messages as m
+from .context import ClusterContext, log
+from .membership import Member
+from .outbox import consume, state_of
+from .replication import CHUNK, ITEMS_PER_MESSAGE, Replication, entry_from
+from .transport import TransportError
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Round:
+    token: str
+    expected: set[str]
+    replies: dict[str, m.FetchReply] = dataclasses.field(default_factory=dict)
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def complete(self) -> bool:
+        return self.expected <= set(self.replies)
+
+
+class _Pin:
+    """One request waiting for a takeover; the takeover pins the entry it won for it."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self) -> None:
+        self.entry: Entry | None = None
+
+
+class Ownership:
+    def __init__(self, ctx: ClusterContext, replication: Replication) -> None:
+        self.ctx = ctx
+        self.replication = replication
+        self._rounds: dict[str, _Round] = {}
+        self._pins: dict[str, list[_Pin]] = {}
+        #: token -> the running takeover task (shared by concurrent requests)
+        self._taking: dict[str, asyncio.Task[Entry | None]] = {}
+        #: tokens this node is taking over right now (FETCH out, not yet owned)
+        self.contending: set[str] = set()
+        #: owned sessions whose takeover did not hear every member: confirm them later
+        self.unconfirmed: dict[str, None] = {}
+        #: sessions to take over again to reconcile (writes the current owner may lack)
+        self._reclaim_due: dict[str, None] = {}
+        self._reclaim_wake = asyncio.Event()
+        #: OWNED announcements waiting to be sent, coalesced
+        self._owned_due: list[tuple[str, int, versions.VV]] = []
+
+    # == taking over ==========================================================================
+    async def acquire(self, token: str) -> Entry | None:
+        """Take session ``token`` over (a request for it arrived here).
+
+        Concurrent calls share one takeover, which runs as its own task: a caller that is
+        cancelled (its client went away) cancels only its own wait, and every waiter gets
+        an answer. The entry comes back *pinned* for the caller until it returns (counted
+        in flight), so a FETCH from another node cannot take it away in between: the
+        manager's own pin takes over from there without an await in between.
+        """
+        ctx = self.ctx
+        owned = ctx.store.owned.get(token)
+        if owned is not None and token not in self.unconfirmed and token not in self._taking:
+            return owned  # ours already (the client's cookie named a former owner)
+        task = self._taking.get(token)
+        if task is None:
+            task = self._taking[token] = ctx.spawn(self._takeover(token), "clustersess-takeover")
+        pin = _Pin()
+        self._pins.setdefault(token, []).append(pin)
+        try:
+            await asyncio.shield(task)
+        except BaseException:
+            self._unpin(token, pin)
+            raise
+        self._unpin(token, pin, keep=True)
+        entry = pin.entry
+        if entry is not None:
+            entry.inflight -= 1  # handed to the caller, which pins it itself
+        return entry
+
+    def _unpin(self, token: str, pin: _Pin, *, keep: bool = False) -> None:
+        pins = self._pins.get(token)
+        if pins is not None and pin in pins:
+            pins.remove(pin)
+            if not pins:
+                del self._pins[token]
+        if not keep and pin.entry is not None:
+            pin.entry.inflight -= 1
+            pin.entry = None
+
+    def _pin_waiters(self, token: str) -> None:
+        """Pin the owned entry of ``token`` for every request waiting on its takeover."""
+        entry = self.ctx.store.owned.get(token)
+        if entry is None:
+            return
+        for pin in self._pins.get(token, ()):
+            if pin.entry is None:
+                pin.entry = entry
+                entry.inflight += 1
+
+    async def _takeover(self, token: str) -> Entry | None:
+        ctx = self.ctx
+        give_up = ctx.mono() + ctx.timing.takeover_deadline
+        attempt = 0
+        try:
+            while True:
+                # While our FETCH is out and until we own the session, we answer other
+                # takeovers of it with "busy", so two nodes never both win one epoch.
+                self.contending.add(token)
+                replies, complete = await self._round(token)
+                if not any(r.busy for r in replies) or ctx.mono() >= give_up:
+                    break
+                # Another node is taking it over at this very moment: step aside (not
+                # busy ourselves meanwhile) and ask again; it will hand it over then.
+                self.contending.discard(token)
+                attempt += 1
+                ctx.stats.takeover_retries += 1
+                await asyncio.sleep(random.uniform(0.001, 0.004) * min(attempt, 8))
+            entry = await self._take(token, replies, complete)
+            if entry is not None:
+                self._pin_waiters(token)  # those who came while it replicated
+            return entry
+        finally:
+            self.contending.discard(token)
+            if self._taking.get(token) is asyncio.current_task():
+                del self._taking[token]
+
+    async def _round(self, token: str) -> tuple[list[m.FetchReply], bool]:
+        """Ask every live member for its copy; (answers heard in time, heard everyone)."""
+        ctx = self.ctx
+        names = ctx.members.live()
+        if not names:
+            return [], ctx.healthy()
+        if not ctx.transport.connected:
+            return [], False
+        req = os.urandom(8).hex()
+        rnd = self._rounds[req] = _Round(token, set())
+        try:
+            counts = [
+                (name, ctx.outbox.send(ctx.channel(name), m.Fetch(req, token), counted=True)) for name in names
+            ]
+            for name, fut in counts:
+                assert fut is not None
+                n = await asyncio.wait_for(fut, ctx.timing.takeover_round)
+                if n > 0:
+                    rnd.expected.add(name)  # someone listens there: wait for its answer
+            if not rnd.complete():
+                await asyncio.wait_for(rnd.done.wait(), ctx.timing.takeover_round)
+        except (TimeoutError, TransportError):
+            ctx.warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
+        finally:
+            del self._rounds[req]
+        return list(rnd.replies.values()), rnd.complete() and ctx.healthy()
+
+    async def _take(self, token: str, replies: list[m.FetchReply], complete: bool) -> Entry | None:
+        ctx = self.ctx
+        now = ctx.wall()
+        if any(r.dead for r in replies) or ctx.store.is_dead(token, now):
+            ctx.store.bury(token, now + ctx.timing.tombstone_ttl, extend=False)
+            return None
+        mine = ctx.store.owned.get(token)
+        candidates = [
+            versions.Candidate(e.vv, e.epoch, e.owner, e.payload, e)
+            for e in (mine, ctx.store.backups.get(token))
+            if e is not None and e.version > 0
+        ]
+        for r in replies:
+            if r.state is not None:
+                copy = entry_from(r.state, now)
+                candidates.append(versions.Candidate(copy.vv, copy.epoch, copy.owner, copy.payload, copy))
+        if not candidates:
+            if mine is not None:  # ours, never stored (version 0): nothing to take
+                self._pin_waiters(token)
+                return mine
+            ctx.stats.takeover_misses += 1
+            return None
+        winner, vv, losers = versions.choose(candidates)
+        best: Entry = winner.item
+        if now - best.last_accessed > ctx.config.max_inactive and mine is None:
+            ctx.stats.takeover_misses += 1
+            return None  # expired everywhere: no copy may come back
+        epoch = max(c.epoch for c in candidates)
+        if best is mine and epoch == mine.epoch and not losers and complete and token not in self.unconfirmed:
+            self._pin_waiters(token)
+            return mine  # already ours, and nobody holds anything newer
+        entry = self.promote(best, epoch + 1, vv)
+        self._pin_waiters(token)  # before the first await: nobody may take it back meanwhile
+        if losers:
+            self._conflict(entry, losers)
+        if complete:
+            self.unconfirmed.pop(token, None)
+        else:
+            self.unconfirmed[token] = None
+            ctx.stats.takeovers_unconfirmed += 1
+        ctx.stats.takeovers += 1
+        await self.replication.replicate(entry)
+        self.announce(entry)
+        return entry
+
+    def _conflict(self, entry: Entry, losers: list[versions.Candidate]) -> None:
+        ctx = self.ctx
+        ctx.stats.conflicts += len(losers)
+        log.warning(
+            "clustersess: conflicting writes to session %s….%s on both sides of a split; kept the copy "
+            "of %s (epoch %d), discarded %d",
+            entry.token[:6], entry.owner, entry.owner, entry.epoch, len(losers),
+        )  # fmt: skip
+        ctx.events.conflict(entry, [c.payload for c in losers])
+
+    def promote(self, best: Entry, epoch: int, vv: versions.VV) -> Entry:
+        """Make this node the owner of ``best``'s data at ``epoch``."""
+        ctx = self.ctx
+        token = best.token
+        entry = ctx.store.owned.get(token)
+        if entry is None:
+            entry = ctx.store.backups.get(token)
+            if entry is None or entry.owner != ctx.name:
+                entry = Entry(token=token, owner=ctx.name, created=best.created, last_accessed=best.last_accessed)
+        if entry.session is not None and entry.payload != best.payload:
+            entry.session.replace_all(codec.decode(best.payload))
+        entry.payload = best.payload
+        entry.vv = vv
+        entry.version = versions.total(vv)
+        entry.created = best.created
+        entry.last_accessed = max(entry.last_accessed, best.last_accessed)
+        entry.epoch = epoch
+        entry.owner = ctx.name
+        ctx.store.backups.pop(token, None)
+        ctx.store.owned[token] = entry
+        return entry
+
+    def announce(self, entry: Entry) -> None:
+        self._owned_due.append((entry.token, entry.epoch, entry.vv))
+        if len(self._owned_due) == 1:
+            asyncio.get_running_loop().call_soon(self._send_owned)
+
+    def _send_owned(self) -> None:
+        due, self._owned_due = self._owned_due, []
+        for i in range(0, len(due), ITEMS_PER_MESSAGE):
+            self.ctx.outbox.send(self.ctx.ch_all, m.Owned(tuple(due[i : i + ITEMS_PER_MESSAGE])))
+
+    # == reconciliation ========================================================================
+    def reclaim(self, token: str) -> None:
+        """Take ``token`` over again soon: our copy may hold writes its owner lacks."""
+        self._reclaim_due[token] = None
+        self._reclaim_wake.set()
+        self.ctx.stats.reclaims += 1
+
+    async def reconciler(self) -> None:
+        """Runs the takeovers that reconciliation asks for, and re-confirms ownerships
+        taken while some member could not be heard, whenever this node is healthy."""
+        ctx = self.ctx
+        while True:
+            try:
+                await asyncio.wait_for(self._reclaim_wake.wait(), ctx.timing.drop_time)
+            except TimeoutError:
+                pass
+            self._reclaim_wake.clear()
+            if not ctx.healthy():
+                continue
+            due, self._reclaim_due = self._reclaim_due, {}
+            for token in list(self.unconfirmed):
+                if token in ctx.store.owned:
+                    due[token] = None
+                else:
+                    del self.unconfirmed[token]
+            for token in due:
+                if ctx.store.is_dead(token, ctx.wall()):
+                    continue
+                if token in ctx.store.owned or token in ctx.store.backups:
+                    await self.acquire(token)
+
+    # == holder side ===========================================================================
+    def on_fetch(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Fetch)
+        ctx = self.ctx
+        token = body.token
+        reply = ctx.channel(member.name)
+        if ctx.store.is_dead(token, ctx.wall()):
+            ctx.outbox.send(reply, m.FetchReply(body.request, token, None, dead=True))
+            return
+        owned = ctx.store.owned.get(token)
+        if token in self.contending and owned is None:
+            # We are taking it over ourselves right now: the other side steps aside. An
+            # owner always answers, so that a takeover never misses the owner's copy.
+            ctx.outbox.send(reply, m.FetchReply(body.request, token, None, busy=True))
+            return
+        if owned is not None and owned.inflight > 0:
+            ctx.spawn(self._release_when_idle(member.name, body, owned), "clustersess-release")
+            return
+        self._answer_fetch(member.name, body)
+
+    async def _release_when_idle(self, src: str, body: m.Fetch, entry: Entry) -> None:
+        # Let requests in flight here commit before the session leaves (bounded).
+        deadline = self.ctx.mono() + self.ctx.timing.release_wait
+        while entry.inflight > 0 and self.ctx.mono() < deadline:
+            await asyncio.sleep(0.002)
+        self._answer_fetch(src, body)
+
+    def _answer_fetch(self, src: str, body: m.Fetch) -> None:
+        ctx = self.ctx
+        token = body.token
+        owned = ctx.store.owned.pop(token, None)
+        if owned is not None:
+            # Give up ownership; keep the copy until the new owner's epoch is announced,
+            # in case the new owner dies before replicating.
+            ctx.store.backups[token] = owned
+            self.unconfirmed.pop(token, None)
+        copy = owned or ctx.store.backups.get(token)
+        state = state_of(copy, ctx.wall()) if copy is not None and copy.version > 0 else None
+        ctx.outbox.send(ctx.channel(src), m.FetchReply(body.request, token, state))
+
+    def on_fetch_reply(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.FetchReply)
+        rnd = self._rounds.get(body.request)
+        if rnd is None or body.token != rnd.token:
+            return
+        rnd.replies[member.name] = body
+        if rnd.complete():
+            rnd.done.set()
+
+    def on_owned(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Owned)
+        ctx = self.ctx
+        store = ctx.store
+        for token, epoch, vv in body.items:
+            mine = store.owned.get(token)
+            if mine is not None:
+                if mine.epoch > epoch or (mine.epoch == epoch and ctx.name < member.name):
+                    continue  # ours is the newer claim (or wins the tie); it will tell them
+                if token in self.contending:
+                    continue  # our own takeover decides
+                del store.owned[token]
+                store.backups[token] = mine
+                self.unconfirmed.pop(token, None)
+                ctx.stats.stepped_down += 1
+                if not versions.dominates(vv, mine.vv):
+                    self.reclaim(token)  # we hold writes the new owner lacks
+                continue
+            copy = store.backups.get(token)
+            if copy is None or copy.epoch >= epoch:
+                continue
+            if versions.dominates(vv, copy.vv):
+                if copy.owner != member.name:
+                    del store.backups[token]  # superseded; the new owner's backup has it
+            else:
+                self.reclaim(token)  # an acknowledged write the new owner lacks
+
+    # == adoption and hand-off =================================================================
+    async def adopt_from(self, name: str) -> int:
+        """Take every copy we hold of ``name``'s sessions (its lease lapsed, or it left)."""
+        ctx = self.ctx
+        copies = [c for c in list(ctx.store.backups.values()) if c.owner == name]
+        n = 0
+        for i, copy in enumerate(copies, 1):
+            if ctx.store.backups.get(copy.token) is copy and not ctx.store.is_dead(copy.token, ctx.wall()):
+                entry = self.promote(copy, copy.epoch + 1, copy.vv)
+                fut = self.replication.enqueue(entry)
+                if fut is not None:
+                    fut.add_done_callback(consume)
+                self.announce(entry)
+                n += 1
+            if i % CHUNK == 0:
+                await asyncio.sleep(0)
+        ctx.stats.adopted += n
+        if n:
+            log.info("clustersess: adopted %d session(s) of %s", n, name)
+        return n
+
+    def take_handoff(self, copy: Entry, member: Member) -> None:
+        """A stopping member handed ``copy``'s session to us."""
+        ctx = self.ctx
+        current = ctx.store.owned.get(copy.token) or ctx.store.backups.get(copy.token)
+        base = current if current is not None else copy
+        entry = self.promote(copy, max(copy.epoch, base.epoch) + 1, copy.vv)
+        ctx.stats.adopted += 1
+        fut = self.replication.enqueue(entry)
+        if fut is not None:
+            fut.add_done_callback(consume)
+        self.announce(entry)

@@ -1,0 +1,542 @@
+"""Replication, both sides: an owner sends state to backups, a backup applies it.
+
+Owner side: :meth:`Replication.replicate` sends a committed session's full state to its
+backup (chosen by rendezvous hashing over the live members) and, in sync mode, waits for
+the backup's answer about *that* session; a write counts as replicated only if the backup
+applied it while this node was healthy. Refusals are acted on (step down, take over
+again, or bury). Rebalancing, access times, logouts and the owner's half of a resync live
+here too.
+
+Backup side: a state is applied only if it is not older than the copy held, in both epoch
+(ownership) and version vector (writes); everything else is refused with the reason, so
+the sender can reconcile. See ``docs/PROTOCOL.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .. import versions
+from ..session import Entry
+from . import messages as m
+from .context import ClusterContext, log
+from .membership import Member
+from .outbox import NoReceiver, NotOwner, consume
+from .transport import TransportError
+
+#: sessions per ACCESSED / INVALIDATE / OWNED message
+ITEMS_PER_MESSAGE = 500
+#: a pass over every session yields to the event loop after this many
+CHUNK = 2000
+
+
+def entry_from(state: m.SessionState, now: float) -> Entry:
+    """A local copy of a session that arrived from another node (times made absolute on
+    our own clock)."""
+    return Entry(
+        token=state.token,
+        owner=state.owner,
+        created=now - state.age,
+        last_accessed=now - state.idle,
+        epoch=state.epoch,
+        version=versions.total(state.vv),
+        payload=state.data,
+        vv=state.vv,
+    )
+
+
+#: a token's first character picks its digest bucket: tokens are random over exactly
+#: these 64 characters (ids.new_token), so the buckets are even
+_BUCKET = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+assert len(_BUCKET) == m.DIGEST_BUCKETS
+
+
+def bucket_of(token: str) -> int:
+    return _BUCKET[token[0]]
+
+
+def state_hash(entry: Entry) -> int:
+    data = f"{entry.token}|{entry.epoch}|{entry.version}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+async def digest(entries: Iterable[Entry]) -> list[int]:
+    """Per bucket, the XOR of the state hashes of ``entries`` (yielding as it goes)."""
+    out = [0] * m.DIGEST_BUCKETS
+    for n, e in enumerate(entries, 1):
+        out[bucket_of(e.token)] ^= state_hash(e)
+        if n % CHUNK == 0:
+            await asyncio.sleep(0)
+    return out
+
+
+class Replication:
+    def __init__(self, ctx: ClusterContext) -> None:
+        self.ctx = ctx
+        #: set by the node: take a session over again to reconcile (see ownership.py)
+        self.reclaim: Callable[[str], None] = lambda token: None
+        #: set by the node: make a handed-over copy ours
+        self.take_handoff: Callable[[Entry, Member], None] = lambda entry, member: None
+        #: acknowledgements of logouts not yet received; changed only in place (the
+        #: manager looks at this very list on every request)
+        self.unsettled: list[asyncio.Future[Any]] = []
+        #: logouts whose backup has not acknowledged them yet: token -> backup
+        self._tombstones_due: dict[str, str] = {}
+        #: old backup -> sessions it should drop once their new backup has them
+        self._drops: dict[str, list[tuple[str, int]]] = {}
+        #: asker -> when we last answered its resync; askers waiting for the next answer
+        self._resync_at: dict[str, float] = {}
+        self._resync_waiting: dict[str, float] = {}
+        self._last_resync_request = float("-inf")
+        self._rebalance_due = asyncio.Event()
+        #: members whose copies were lost (they restarted): every session they backed up
+        #: goes to its backup again
+        self._refill: set[str] = set()
+        self._lone_logged = False
+
+    # == owner side ==========================================================================
+    def enqueue(self, entry: Entry, *, handoff: bool = False) -> asyncio.Future[m.Refusal | None] | None:
+        """Queue ``entry`` for its backup; None if there is nobody to send it to."""
+        ctx = self.ctx
+        exclude = (entry.owner,) if entry.owner != ctx.name else ()
+        backup = ctx.members.backup_for(entry.token, exclude=exclude)
+        old = entry.backup
+        entry.backup = backup
+        if backup is None:
+            if ctx.members.members:
+                # Members exist but none can take it now (all suspected or unreachable,
+                # e.g. they have not re-subscribed after a Redis restart): retry later.
+                ctx.outbox.requeue[entry.token] = None
+            elif not self._lone_logged:
+                log.warning("clustersess: node %s is alone in the cluster; sessions have no backup", ctx.name)
+                self._lone_logged = True
+            return None
+        self._lone_logged = False
+        fut = ctx.outbox.replicate(ctx.channel(backup), entry, handoff=handoff)
+        fut.add_done_callback(lambda f: self._settled(entry, old, backup, f))
+        return fut
+
+    def _settled(self, entry: Entry, old: str | None, new: str, fut: asyncio.Future[m.Refusal | None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        refusal = fut.result()
+        if refusal is not None:
+            self.refused(entry, refusal)
+        elif old is not None and old != new and old in self.ctx.members.members:
+            # The new backup has it: the old one may let its copy go.
+            self._drops.setdefault(old, []).append((entry.token, entry.epoch))
+
+    async def replicate(self, entry: Entry) -> bool:
+        """Send a committed session to its backup; True if it is confirmed replicated
+        (sync mode: the backup applied it while this node was healthy)."""
+        ctx = self.ctx
+        if not ctx.healthy():
+            # Fenced: claim nothing. The write is kept here and sent once we are back.
+            ctx.outbox.requeue[entry.token] = None
+            return False
+        sync = ctx.config.replication == "sync"
+        deadline = ctx.mono() + ctx.timing.ack_timeout
+        for _attempt in range(3):
+            fut = self.enqueue(entry)
+            if fut is None:
+                return False
+            if not sync:
+                fut.add_done_callback(consume)
+                return False  # async mode claims nothing
+            # The future is this request's own, so it is awaited directly with a timer of
+            # its own; asyncio.wait_for(shield(...)) cost five more objects per waiting
+            # request, and with tens of writes in flight those survived into the older
+            # GC generations and set off full collections several times a second.
+            timer = asyncio.get_running_loop().call_later(max(0.0, deadline - ctx.mono()), _time_out, fut)
+            try:
+                refusal = await fut
+            except NoReceiver:
+                continue  # the backup was marked unreachable: the next attempt picks another
+            except TimeoutError:
+                ctx.stats.ack_timeouts += 1
+                ctx.warn.warning(
+                    "ack",
+                    "clustersess: no ack from backup within %.2fs; queued for re-replication",
+                    ctx.timing.ack_timeout,
+                )
+                ctx.outbox.requeue[entry.token] = None
+                return False
+            except (TransportError, NotOwner):
+                return False  # counted and queued by the flusher, or no longer ours
+            finally:
+                timer.cancel()
+            return refusal is None and ctx.healthy()
+        ctx.outbox.requeue[entry.token] = None
+        return False
+
+    def refused(self, entry: Entry, refusal: m.Refusal) -> None:
+        """The backup did not apply ``entry``'s state: reconcile."""
+        ctx = self.ctx
+        ctx.stats.acks_refused += 1
+        token = entry.token
+        ours = ctx.store.owned.get(token) is entry
+        if refusal.reason is m.Refused.DEAD:
+            if ours:
+                log.info("clustersess: a session was logged out elsewhere; dropping it here")
+                ctx.store.bury(token, ctx.wall() + ctx.timing.tombstone_ttl, extend=False)
+                ctx.events.destroyed(entry, "invalidated")
+            return
+        if refusal.reason is m.Refused.SUPERSEDED and ours:
+            # Another node owns it at a newer epoch: step down, keep the copy.
+            del ctx.store.owned[token]
+            ctx.store.backups[token] = entry
+            ctx.stats.stepped_down += 1
+            log.info("clustersess: a session is owned at a newer epoch elsewhere; stepping down")
+            if versions.dominates(refusal.vv, entry.vv):
+                return  # it holds every write we made
+        ctx.warn.warning("reconcile", "clustersess: copies of a session diverged; reconciling by takeover")
+        self.reclaim(token)
+
+    def retry_requeued(self) -> None:
+        ctx = self.ctx
+        if not ctx.outbox.requeue or not ctx.healthy():
+            return
+        tokens, ctx.outbox.requeue = ctx.outbox.requeue, {}
+        for token in tokens:
+            entry = ctx.store.owned.get(token)
+            if entry is not None and entry.version > 0:
+                fut = self.enqueue(entry)
+                if fut is not None:
+                    fut.add_done_callback(consume)
+
+    def send_drops(self) -> None:
+        ctx = self.ctx
+        drops, self._drops = self._drops, {}
+        for name, items in drops.items():
+            for i in range(0, len(items), ITEMS_PER_MESSAGE):
+                ctx.outbox.send(ctx.channel(name), m.Drop(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+
+    def rebalance_soon(self, refill: str | None = None) -> None:
+        """Membership changed: re-replicate whatever now has another backup (``refill``:
+        that member lost its copies, so everything it backed up goes to it again)."""
+        if refill is not None:
+            self._refill.add(refill)
+        self._rebalance_due.set()
+
+    async def rebalancer(self) -> None:
+        ctx = self.ctx
+        while True:
+            await self._rebalance_due.wait()
+            await asyncio.sleep(0)  # coalesce a burst of membership changes
+            self._rebalance_due.clear()
+            refill, self._refill = self._refill, set()
+            n = 0
+            for entry in list(ctx.store.owned.values()):
+                n += 1
+                if n % CHUNK == 0:
+                    await asyncio.sleep(0)
+                if ctx.store.owned.get(entry.token) is not entry or entry.version == 0:
+                    continue
+                if entry.backup in refill or ctx.members.backup_for(entry.token) != entry.backup:
+                    fut = self.enqueue(entry)
+                    if fut is not None:
+                        fut.add_done_callback(consume)
+
+    def send_accesses(self, since: float) -> int:
+        """Send the idle time of every owned session used at or after ``since`` to its
+        backup; returns how many sessions that covered."""
+        return self._send_accesses(since, None)
+
+    def _send_accesses(self, since: float, only: str | None) -> int:
+        ctx = self.ctx
+        now = ctx.wall()
+        by_backup: dict[str, list[tuple[str, int, float]]] = {}
+        for e in ctx.store.owned.values():
+            if e.last_accessed >= since and e.backup is not None and (only is None or e.backup == only):
+                by_backup.setdefault(e.backup, []).append((e.token, e.epoch, max(0.0, now - e.last_accessed)))
+        for dest, items in by_backup.items():
+            for i in range(0, len(items), ITEMS_PER_MESSAGE):
+                ctx.outbox.send(ctx.channel(dest), m.Accessed(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+        return sum(map(len, by_backup.values()))
+
+    # -- logouts -----------------------------------------------------------------------------
+    def buried(self, tokens: dict[str, str | None]) -> None:
+        """These sessions were logged out or rotated away here (token -> its backup):
+        tell everyone, and get the backup's acknowledgement."""
+        ctx = self.ctx
+        ttl = ctx.timing.tombstone_ttl
+        for t in tokens:
+            ctx.outbox.requeue.pop(t, None)
+        items = tuple((t, ttl) for t in tokens)
+        fut = ctx.outbox.send(ctx.ch_all, m.Invalidate(items), counted=True)
+        assert fut is not None
+        fut.add_done_callback(consume)
+        self.unsettled.append(fut)
+        by_backup: dict[str, list[str]] = {}
+        for t, backup in tokens.items():
+            if backup is not None:
+                by_backup.setdefault(backup, []).append(t)
+        for backup, ts in by_backup.items():
+            self._invalidate_at(backup, ts)
+
+    def _invalidate_at(self, backup: str, tokens: list[str], *, awaited: bool = True) -> None:
+        ctx = self.ctx
+        now = ctx.wall()
+        items = tuple((t, max(0.0, ctx.store.tombstones.get(t, now) - now)) for t in tokens)
+        fut = ctx.outbox.send_acked(ctx.channel(backup), m.Invalidate(items))
+        if awaited:
+            self.unsettled.append(fut)  # the request that logged out waits for it
+
+        def done(f: asyncio.Future[m.Ack]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                for t in tokens:
+                    self._tombstones_due[t] = backup
+            else:
+                for t in tokens:
+                    self._tombstones_due.pop(t, None)
+
+        fut.add_done_callback(done)
+
+    async def settle(self) -> bool:
+        """Wait until the logouts sent so far are acknowledged by their backups (sync
+        mode), bounded; True if they all were, while this node was healthy."""
+        ctx = self.ctx
+        if not self.unsettled:
+            return True
+        pending = self.unsettled.copy()
+        self.unsettled.clear()
+        if ctx.config.replication != "sync":
+            return False
+        done, not_done = await asyncio.wait(pending, timeout=ctx.timing.ack_timeout)
+        for f in not_done:
+            f.add_done_callback(consume)
+        ok = not not_done and all(not f.cancelled() and f.exception() is None for f in done)
+        return ok and ctx.healthy()
+
+    def retry_tombstones(self) -> None:
+        """Logouts whose backup did not acknowledge them: send them again."""
+        ctx = self.ctx
+        if not self._tombstones_due or not ctx.healthy():
+            return
+        due, self._tombstones_due = self._tombstones_due, {}
+        now = ctx.wall()
+        by_backup: dict[str, list[str]] = {}
+        for t, backup in due.items():
+            if ctx.store.is_dead(t, now) and backup in ctx.members.members:
+                by_backup.setdefault(backup, []).append(t)
+        for backup, ts in by_backup.items():
+            self._invalidate_at(backup, ts, awaited=False)
+
+    # == backup side =========================================================================
+    def on_replicate(self, member: Member, env: m.Envelope) -> None:
+        ctx = self.ctx
+        body = env.body
+        assert isinstance(body, m.Replicate)
+        store = ctx.store
+        now = ctx.wall()
+        refusals: list[m.Refusal] = []
+        handed: list[Entry] = []
+        if body.handoff:
+            member.leaving = True  # never pick it as a backup again
+        for st in body.sessions:
+            token = st.token
+            if store.is_dead(token, now):
+                ctx.stats.messages_dropped_stale += 1
+                refusals.append(m.Refusal(token, m.Refused.DEAD, 0, ()))
+                continue
+            cur = store.owned.get(token) or store.backups.get(token)
+            if cur is None:
+                copy = self._apply(st, None, now)
+                if body.handoff:
+                    handed.append(copy)
+                continue
+            order = versions.compare(st.vv, cur.vv)
+            if body.handoff:
+                # The sender is leaving and hands the session to us: whatever we hold,
+                # we own it now, with the newest writes of both copies.
+                if order is versions.Order.CONCURRENT:
+                    handed.append(self._resolve(cur, st, now))
+                elif order is versions.Order.OLDER:
+                    handed.append(cur)  # ours holds every write of theirs, and more
+                else:
+                    handed.append(self._apply(st, cur, now))
+                continue
+            if st.epoch < cur.epoch:
+                refusals.append(m.Refusal(token, m.Refused.SUPERSEDED, cur.epoch, cur.vv))
+                continue
+            if order is versions.Order.EQUAL and st.epoch == cur.epoch:
+                cur.last_accessed = max(cur.last_accessed, now - st.idle)
+                continue
+            if order in (versions.Order.NEWER, versions.Order.EQUAL):
+                if store.owned.get(token) is cur:
+                    del store.owned[token]
+                    log.info("clustersess: a session moved to %s at a newer epoch", member.name)
+                self._apply(st, cur, now)
+                continue
+            if order is versions.Order.OLDER and st.epoch == cur.epoch and store.owned.get(token) is not cur:
+                continue  # an earlier state from the same owner: we hold a later one of its
+            refusals.append(m.Refusal(token, m.Refused.DIVERGED, cur.epoch, cur.vv))
+        ctx.outbox.send(ctx.channel(member.name), m.Ack(env.seq, tuple(refusals)))
+        for copy in handed:
+            self.take_handoff(copy, member)
+
+    def _apply(self, st: m.SessionState, cur: Entry | None, now: float) -> Entry:
+        ctx = self.ctx
+        copy = entry_from(st, now)
+        if cur is not None:
+            copy.last_accessed = max(copy.last_accessed, cur.last_accessed)
+            if cur.session is not None and ctx.store.owned.get(st.token) is cur:
+                copy.session = None  # ownership moved away; the live object is dropped
+        ctx.store.owned.pop(st.token, None)
+        ctx.store.backups[st.token] = copy
+        ctx.stats.replications_applied += 1
+        ctx.events.replicated(copy, cur is None)
+        return copy
+
+    def _resolve(self, cur: Entry, st: m.SessionState, now: float) -> Entry:
+        """Both copies hold writes the other lacks (a hand-off after a split): keep the
+        deterministic winner, with a vector that dominates both."""
+        ctx = self.ctx
+        theirs = entry_from(st, now)
+        a = versions.Candidate(cur.vv, cur.epoch, cur.owner, cur.payload, cur)
+        b = versions.Candidate(theirs.vv, theirs.epoch, theirs.owner, theirs.payload, theirs)
+        winner, vv, losers = versions.choose([a, b])
+        keep: Entry = winner.item
+        keep.vv = vv
+        keep.version = versions.total(vv)
+        ctx.stats.conflicts += len(losers)
+        log.warning("clustersess: conflicting writes to one session on both sides of a split; kept one")
+        ctx.events.conflict(keep, [c.payload for c in losers])
+        if keep is theirs:
+            ctx.store.owned.pop(cur.token, None)
+            ctx.store.backups[cur.token] = theirs
+        return keep
+
+    def on_ack(self, member: Member, env: m.Envelope) -> None:
+        assert isinstance(env.body, m.Ack)
+        self.ctx.outbox.acked(self.ctx.channel(member.name), env.body)
+
+    def on_accessed(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Accessed)
+        now = self.ctx.wall()
+        backups = self.ctx.store.backups
+        for token, epoch, idle in body.items:
+            copy = backups.get(token)
+            if copy is not None and copy.epoch == epoch:
+                copy.last_accessed = max(copy.last_accessed, now - idle)
+
+    def on_invalidate(self, member: Member, env: m.Envelope) -> None:
+        ctx = self.ctx
+        body = env.body
+        assert isinstance(body, m.Invalidate)
+        now = ctx.wall()
+        for token, left in body.items:
+            had = ctx.store.owned.get(token) or ctx.store.backups.get(token)
+            ctx.store.bury(token, now + min(left, ctx.timing.tombstone_ttl), extend=False)
+            if had is not None:
+                ctx.events.destroyed(had, "expired" if body.reason == "expired" else "invalidated")
+        if env.channel != ctx.ch_all:
+            ctx.outbox.send(ctx.channel(member.name), m.Ack(env.seq))
+
+    def on_drop(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Drop)
+        backups = self.ctx.store.backups
+        for token, epoch in body.items:
+            copy = backups.get(token)
+            if copy is not None and copy.owner == member.name and copy.epoch <= epoch:
+                del backups[token]
+
+    # == resync ===============================================================================
+    def request_resync(self, since: float) -> None:
+        """We may have missed ``since`` seconds of messages: ask the owners (rate-limited;
+        a burst of gaps costs one request)."""
+        ctx = self.ctx
+        now = ctx.mono()
+        if now - self._last_resync_request < ctx.timing.resync_interval:
+            return
+        self._last_resync_request = now
+        ctx.stats.resyncs_requested += 1
+        ctx.outbox.send(ctx.ch_all, m.Resync(since))
+
+    def on_resync(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Resync)
+        name = member.name
+        if name in self._resync_waiting:
+            self._resync_waiting[name] = max(self._resync_waiting[name], body.since)
+            return
+        self._resync_waiting[name] = body.since
+        self.ctx.spawn(self._answer_resync(name), "clustersess-resync")
+
+    async def _answer_resync(self, name: str) -> None:
+        ctx = self.ctx
+        # At most one answer per asker per interval: a burst of requests is one answer.
+        wait = self._resync_at.get(name, float("-inf")) + ctx.timing.resync_interval - ctx.mono()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        since = self._resync_waiting.pop(name, 0.0)
+        self._resync_at[name] = ctx.mono()
+        if name not in ctx.members.members:
+            return
+        ctx.stats.resyncs += 1
+        mine = [e for e in list(ctx.store.owned.values()) if e.backup == name and e.version > 0]
+        ctx.outbox.send(ctx.channel(name), m.Digest(tuple(await digest(mine))))
+        margin = ctx.timing.access_every + ctx.timing.heartbeat
+        self._send_accesses(ctx.wall() - since - margin, name)
+        # Logouts of the gap's length, with what is left of their lifetime.
+        now = ctx.wall()
+        young = now + ctx.timing.tombstone_ttl - since - margin
+        items = [(t, until - now) for t, until in ctx.store.tombstones.items() if until > now and until >= young]
+        for i in range(0, len(items), ITEMS_PER_MESSAGE):
+            ctx.outbox.send(ctx.channel(name), m.Invalidate(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+
+    def on_digest(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Digest)
+        self.ctx.spawn(self._compare_digest(member.name, body.hashes), "clustersess-resync")
+
+    async def _compare_digest(self, owner: str, hashes: tuple[int, ...]) -> None:
+        ctx = self.ctx
+        ours = await digest([e for e in list(ctx.store.backups.values()) if e.owner == owner])
+        differ = tuple(i for i, (a, b) in enumerate(zip(ours, hashes, strict=True)) if a != b)
+        if differ and owner in ctx.members.members:
+            ctx.outbox.send(ctx.channel(owner), m.Need(differ))
+
+    def on_need(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Need)
+        self.ctx.spawn(self._send_buckets(member.name, body.buckets), "clustersess-resync")
+
+    async def _send_buckets(self, name: str, buckets: tuple[int, ...]) -> None:
+        ctx = self.ctx
+        wanted = set(buckets)
+        entries = [e for e in list(ctx.store.owned.values()) if e.backup == name and bucket_of(e.token) in wanted]
+        # PRUNE first (control messages leave before replication in a flush): the asker
+        # drops its copies we no longer have, then gets the current ones.
+        ctx.outbox.send(ctx.channel(name), m.Prune(buckets, tuple(e.token for e in entries)))
+        for n, e in enumerate(entries, 1):
+            if ctx.store.owned.get(e.token) is e and e.version > 0:
+                fut = self.enqueue(e)
+                if fut is not None:
+                    fut.add_done_callback(consume)
+            if n % CHUNK == 0:
+                await asyncio.sleep(0)
+        ctx.stats.resync_sessions_sent += len(entries)
+
+    def on_prune(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Prune)
+        ctx = self.ctx
+        buckets, keep = set(body.buckets), set(body.tokens)
+        stale = [
+            t
+            for t, e in ctx.store.backups.items()
+            if e.owner == member.name and t not in keep and bucket_of(t) in buckets
+        ]
+        for t in stale:
+            del ctx.store.backups[t]
+
+
+def _time_out(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
