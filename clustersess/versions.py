@@ -114,16 +114,17 @@ class Candidate:
         self.item = item  # whatever the caller wants back
 
     def rank(self) -> tuple[int, int, str, bytes]:
-        return (total(self.vv), self.epoch, self.owner, self.payload)
+        return (self.epoch, total(self.vv), self.owner, self.payload)
 
 
 def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, VV, list[Candidate]]:
     """The copy whose data win, the vector the result must carry, and the losers.
 
     The winner is the copy whose vector dominates all others. If none does (writes on
-    both sides of a split), the maximal copies conflict: the one with more writes wins,
-    then the higher epoch, then the owner name, then the data (any total order will do:
-    every node must pick the same). ``losers`` are the maximal copies that lost, i.e.
+    both sides of a split), the maximal copies conflict: the one of the higher epoch
+    wins (the owner the cluster chose last; a fenced node's writes were never confirmed),
+    then the one with more writes, then the owner name, then the data (any total order
+    will do: every node must pick the same). ``losers`` are the maximal copies that lost, i.e.
     writes that are discarded; copies the winner dominates are not losers. The result's
     vector is the merge of all, so the choice is final: no loser can outrank it later.
     """

@@ -193,8 +193,8 @@ def copy_of(
         # an adoption (epoch 2, no write) never outranks a newer write (epoch 1)
         ({"n2": ("backups", 1, {"n1": 9}), "n3": ("backups", 2, {"n1": 3})}, "n2", 0),
         ({"n1": ("backups", 3, {"n1": 2, "n2": 8}), "n2": ("owned", 2, {"n2": 8})}, "n1", 0),  # ours is newest
-        # writes on both sides of a split: more writes win, reported as a conflict
-        ({"n2": ("owned", 1, {"n1": 3, "n2": 2}), "n3": ("owned", 2, {"n1": 3, "n3": 1})}, "n2", 1),
+        # writes on both sides of a split: the later owner (epoch) wins, reported as a conflict
+        ({"n2": ("owned", 1, {"n1": 3, "n2": 2}), "n3": ("owned", 2, {"n1": 3, "n3": 1})}, "n3", 1),
     ],
     ids=["version", "adoption-never-beats-a-write", "local", "conflict"],
 )

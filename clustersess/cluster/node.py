@@ -218,11 +218,11 @@ class ClusterNode:
         # The claim waits out a previous life of this node (it expires one lease after
         # its last renewal) and refuses a live namesake.
         deadline = self._mono() + self.timing.lease_ttl + self.timing.heartbeat
-        while not await self._claim():
+        while (answer := await self._claim()) != "held":
+            if answer == "error":
+                return  # Redis cannot take the claim now: the heartbeat task joins later
             if self._mono() > deadline or self._twin_seen:
                 raise duplicate
-            if self.proof.state is State.JOINING and not self.transport.connected:
-                return  # Redis went away again: the heartbeat task joins once it is back
             await asyncio.sleep(self.timing.heartbeat)
         # A namesake that stalled past its claim's expiry still sends heartbeats: listen
         # for two intervals before declaring ourselves in.
@@ -236,23 +236,27 @@ class ClusterNode:
             self.name, self.config.cluster_name, self.incarnation, self.config.replication,
         )  # fmt: skip
 
-    async def _claim(self) -> bool:
-        """Claim our name for this incarnation (the first lease); True once we hold it."""
+    async def _claim(self) -> str:
+        """Claim our name for this incarnation (the first lease): "held" once we hold it,
+        "taken" while another incarnation does, "error" if Redis could not answer."""
         sent = self._mono()
         try:
             holder = await self.transport.claim(self.ctx.claim_key(self.name), self.incarnation, self.timing.lease_ttl)
         except TransportError as exc:
             self.ctx.warn.warning("claim", "clustersess: could not claim node name %s yet (%s)", self.name, exc)
-            return False
+            return "error"
         if holder != self.incarnation:
-            return False
+            self.ctx.warn.warning(
+                "claim", "clustersess: node name %s is still held by another incarnation; waiting", self.name
+            )
+            return "taken"
         self.proof.renewed(sent)
         if self.proof.state in (State.JOINING, State.REJOINING):
             self.proof.state = State.HEALTHY
             self.proof.reason = ""
         # Admission: others read our claim when they first hear us, so claim first.
         self._beat(hello=True)
-        return True
+        return "held"
 
     async def stop(self) -> None:
         """Hand every owned session to its backup and leave, promptly."""
@@ -419,7 +423,7 @@ class ClusterNode:
         state = self.proof.state
         if state is State.SUPERSEDED or state is State.STOPPING:
             return
-        if state is State.JOINING:
+        if state is State.JOINING or state is State.REJOINING:
             await self._claim()
             return
         self._beat()
@@ -506,7 +510,7 @@ class ClusterNode:
         self.incarnation = new_incarnation()
         self.outbox.new_life(self.incarnation)
         self.outbox.requeue.clear()
-        if not await self._claim():
+        if await self._claim() != "held":
             return  # the heartbeat task keeps trying (REJOINING is fenced)
         for token in dirty:
             self.ownership.reclaim(token)

@@ -177,14 +177,14 @@ class Outbox:
         waiting = sum(len(w.versions) for w in self._acks.values())
         return len(self.requeue) + sum(len(p) for p in self._pending.values()) + waiting
 
-    def unacknowledged(self) -> set[str]:
-        """Tokens sent or queued but not acknowledged yet."""
-        out = set(self.requeue)
+    def unacknowledged(self) -> list[str]:
+        """Tokens sent or queued but not acknowledged yet (in a stable order)."""
+        out = dict(self.requeue)
         for p in self._pending.values():
-            out.update(p)
+            out.update(dict.fromkeys(p))
         for w in self._acks.values():
-            out.update(w.versions)
-        return out
+            out.update(dict.fromkeys(w.versions))
+        return list(out)
 
     async def run(self) -> None:
         while True:
