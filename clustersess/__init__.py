@@ -14,10 +14,10 @@ from .wsgi import ClusterSessionWSGIMiddleware
 __version__ = "0.1.0"
 
 __all__ = [
+    "Clock",
     "ClusterSessError",
     "ClusterSessionMiddleware",
     "ClusterSessionWSGIMiddleware",
-    "Clock",
     "Config",
     "ConfigError",
     "DuplicateNodeError",

@@ -13,10 +13,10 @@ from typing import Any
 
 from .clock import Clock
 from .config import Config
-from .cookies import CookieWriter, find_cookie, make_private
-from .errors import ConfigError
+from .cookies import KEEP, SET, CookieAction, CookieWriter, add_vary_cookie, expires_at_once, find_cookie, make_private
+from .errors import ConfigError, ReplicationUnavailable
 from .listeners import SessionListener
-from .manager import DELETE_COOKIE, Handle, SessionManager
+from .manager import Handle, SessionManager
 
 log = logging.getLogger("clustersess")
 
@@ -30,6 +30,10 @@ _HEADER_CACHE_SIZE = 1024
 _MAX_CACHED_HEADER = 4096
 
 
+async def _nothing() -> None:
+    return None
+
+
 class ClusterSessionMiddleware:
     """Tomcat-style clustered sessions for any ASGI app.
 
@@ -40,8 +44,12 @@ class ClusterSessionMiddleware:
     Alternatively pass a ready ``config`` or ``manager``.
 
     A configuration error (a missing secret, say) is raised here when possible; under a
-    server it also fails the ASGI lifespan startup, so the server exits instead of
-    serving requests it cannot handle.
+    server it also fails the ASGI lifespan startup (the server exits instead of serving
+    requests it cannot handle, and ``with TestClient(app)`` raises it).
+
+    The node's background work starts with the lifespan, or with the first request on a
+    server without one, on that event loop; a later lifespan on another loop (each
+    ``with TestClient(app)`` has its own) starts it again there.
     """
 
     def __init__(
@@ -68,6 +76,7 @@ class ClusterSessionMiddleware:
         # True once the manager runs; until then every call goes through _dispatch()
         self._started = False
         self._start_lock: asyncio.Lock | None = None
+        self._start_lock_loop: asyncio.AbstractEventLoop | None = None
         if manager is None:
             if config is None:
                 if secret_key is not None and not isinstance(secret_key, (list, tuple)):
@@ -91,21 +100,35 @@ class ClusterSessionMiddleware:
                     # fail the lifespan startup explicitly instead.
                     log.error("clustersess cannot start: %s", exc)
                     self.config_error = exc
-                    self.manager: SessionManager | None = None
-                    self.cookies: CookieWriter | None = None
+                    self._manager: SessionManager | None = None
                     return
             manager = SessionManager(config, clock=clock, transport=transport, listeners=listeners)
-        self.manager = manager
+        self._manager = manager
         self.cookies = CookieWriter(manager.config)
         self._cookie_name = manager.config.session_cookie
+        # max_age <= 0: no cookie may come back (see cookies.expires_at_once)
+        self._ignore_cookies = expires_at_once(manager.config)
         #: raw Cookie header -> our cookie's value (see _read_cookie)
         self._header_cache: dict[bytes, str | None] = {}
+
+    @property
+    def manager(self) -> SessionManager:
+        """The node's :class:`SessionManager`.
+
+        Raises:
+            ConfigError: the configuration was invalid (the same error as at start-up).
+        """
+        if self._manager is None:
+            assert self.config_error is not None
+            raise self.config_error
+        return self._manager
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not self._started:
             await self._dispatch(scope, receive, send)
             return
-        manager: SessionManager = self.manager  # type: ignore[assignment]  # set: started
+        manager = self._manager
+        assert manager is not None  # _started implies it
         # _read_cookie(), with its common case inlined: a Cookie header seen before.
         cookie = None
         for key, value in scope["headers"]:
@@ -122,34 +145,69 @@ class ClusterSessionMiddleware:
         # The common case (a known cookie for a session this node owns) needs no await.
         handle = manager.open_local(cookie) if cookie else None
         if handle is None:
-            handle = await manager.open(cookie)
-        # session.accessed needs no reset: it only decides Vary for a request without a
-        # cookie, and such a request always gets a new session object.
+            try:
+                handle = await manager.open(cookie)
+            except ReplicationUnavailable as exc:  # the node is stopping mid-takeover
+                await self._refuse(None, exc, send)
+                return
         scope["session"] = handle.session
         scope["clustersess.manager"] = manager
         # The HTTP path is inlined here (not a helper coroutine): it runs on every
         # request, and each extra coroutine layer costs measurable time per request.
         # For the same reason send_wrapper is a plain function returning the awaitable
         # (the app awaits it either way), and a node without a cluster commits without
-        # awaiting anything.
+        # awaiting anything. The slow path (_finish) makes the same decision: a property
+        # test (tests/test_cookie_decision.py) holds the two to the same headers.
+
+        refused = False
+
+        async def finish_and_send(message: Message) -> None:
+            # A clustered commit: awaits the backup's ack. If the change cannot be
+            # confirmed and the node refuses such writes, a 503 replaces the app's response.
+            nonlocal refused
+            try:
+                await self._finish(handle, message)
+            except ReplicationUnavailable as exc:
+                refused = True
+                await self._refuse(handle, exc, send)
+                return
+            await send(message)
 
         def send_wrapper(message: Message) -> Any:
             if message["type"] == "http.response.start":
                 if manager.close_local(handle):  # unchanged, cookie current
-                    out = None
+                    action = KEEP
                 elif manager.cluster is None:
-                    out = manager.close_nowait(handle)
+                    action = manager.close_nowait(handle)
                 else:
-                    return self._finish_and_send(handle, message, send)
-                headers = message.get("headers")
-                if out is None and type(headers) is list and handle.cookie_in is not None:
-                    headers.append(_VARY)  # _add_cookie()'s most common case, inlined
-                else:
-                    self._add_cookie(handle, out, message)
+                    return finish_and_send(message)
+                if action is not KEEP:
+                    self._add_headers(handle, action, message)
+                elif handle.session.accessed:
+                    # _add_headers(KEEP)'s common case, inlined: no Vary of the app's own.
+                    headers = message.get("headers")
+                    if type(headers) is not list:
+                        self._add_headers(handle, action, message)
+                    else:
+                        for name, _ in headers:
+                            if name == b"vary":
+                                add_vary_cookie(headers, raw=True)
+                                break
+                        else:
+                            headers.append(_VARY)
+            elif refused:
+                return _nothing()  # the app's body of a response replaced by a 503
             return send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ReplicationUnavailable as exc:
+            # Raised by rotate()/invalidate()/clear() on a fenced node in refuse mode,
+            # before the response started: answer 503, nothing was changed.
+            if handle.closed:
+                raise
+            manager.abandon(handle)
+            await self._refuse(handle, exc, send)
         finally:
             if not handle.closed:
                 manager.abandon(handle)
@@ -163,23 +221,21 @@ class ClusterSessionMiddleware:
         if kind != "http" and kind != "websocket":  # pragma: no cover
             await self.app(scope, receive, send)
             return
-        if self.manager is None:
-            assert self.config_error is not None
-            raise self.config_error
+        manager = self.manager  # raises the ConfigError, if any
         if not self._started:
-            await self._ensure_started()
-            self.manager.app_started()  # a server without lifespan: the app runs now
+            await self._start()
+            manager.app_started()  # a server without lifespan: the app runs now
         if kind == "http":
             await self(scope, receive, send)
         else:
             await self._websocket(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
-        assert self.manager is not None
+        manager = self.manager
         cookie = self._read_cookie(scope)
-        handle = await self.manager.open(cookie)
+        handle = await manager.open(cookie)
         scope["session"] = handle.session
-        scope["clustersess.manager"] = self.manager
+        scope["clustersess.manager"] = manager
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "websocket.accept" and not handle.closed:
@@ -192,33 +248,51 @@ class ClusterSessionMiddleware:
             if not handle.closed:
                 # Rejected or closed before accept: still commit what the app stored.
                 try:
-                    await self.manager.close(handle)  # type: ignore[union-attr]
+                    await manager.close(handle)
                 except Exception:
                     log.exception("clustersess: could not commit a websocket session")
-                    self.manager.abandon(handle)  # type: ignore[union-attr]
+                    manager.abandon(handle)
 
-    async def _finish_and_send(self, handle: Handle, message: Message, send: Any) -> None:
-        await self._finish(handle, message)
+    async def _refuse(self, handle: Handle | None, exc: ReplicationUnavailable, send: Any) -> None:
+        """Answer 503 (``on_replication_failure="refuse"``), with the cookie the session has
+        now: a rotation that happened stays done, so the client must learn the new ID."""
+        log.warning("clustersess: answered 503: %s", exc.reason)
+        message: Message = {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"retry-after", b"1"),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+        if handle is not None:
+            action = exc.action if isinstance(exc.action, CookieAction) else KEEP
+            self._add_headers(handle, action, message)
         await send(message)
+        await send({"type": "http.response.body", "body": b"session change could not be replicated; retry\n"})
 
     async def _finish(self, handle: Handle, message: Message) -> None:
-        assert self.manager is not None
-        self._add_cookie(handle, await self.manager.close(handle), message)
+        """Commit (awaiting the cluster) and write the cookie headers for the outcome."""
+        action = await self.manager.close(handle)
+        if action is not KEEP or handle.session.accessed:
+            self._add_headers(handle, action, message)
 
-    def _add_cookie(self, handle: Handle, cookie: str | None, message: Message) -> None:
-        """Put what :meth:`SessionManager.close` answered into the response headers."""
-        assert self.cookies is not None
-        headers = message.setdefault("headers", [])
-        if not isinstance(headers, list):
-            headers = message["headers"] = list(headers)
-        if cookie is None:
-            if handle.session.accessed or handle.cookie_in is not None:
-                headers.append(_VARY)
-            return
-        value = self.cookies.delete() if cookie == DELETE_COOKIE else self.cookies.set(cookie)
-        headers.append((b"set-cookie", value.encode("latin-1")))
+    def _add_headers(self, handle: Handle, action: CookieAction, message: Message) -> None:
+        """Write ``action`` into the response headers: Set-Cookie (then Cache-Control:
+        private), and ``Vary: Cookie`` (always, when called: the session was used)."""
+        headers = message.get("headers")
+        if type(headers) is not list:
+            headers = message["headers"] = list(headers or ())
+        if action is not KEEP:
+            value = self.cookies.set(self.manager.cookie_value(handle)) if action is SET else self.cookies.delete()
+            headers.append((b"set-cookie", value.encode("latin-1")))
+            make_private(headers)
+        for name, _ in headers:
+            if name == b"vary":
+                add_vary_cookie(headers, raw=True)  # merged into the app's own
+                return
         headers.append(_VARY)
-        make_private(headers)
 
     def _read_cookie(self, scope: Scope) -> str | None:
         name = self._cookie_name
@@ -233,7 +307,7 @@ class ClusterSessionMiddleware:
                 hit = cache.get(value, _UNSEEN) if type(value) is bytes else _UNSEEN
                 if hit is _UNSEEN:
                     # latin-1 decodes any bytes; find_cookie rejects non-ASCII values.
-                    found = find_cookie(value.decode("latin-1"), name)
+                    found = None if self._ignore_cookies else find_cookie(value.decode("latin-1"), name)
                     if type(value) is bytes and len(value) <= _MAX_CACHED_HEADER:
                         if len(cache) >= _HEADER_CACHE_SIZE:
                             cache.clear()
@@ -244,36 +318,54 @@ class ClusterSessionMiddleware:
                     return found
         return None
 
-    async def _ensure_started(self) -> None:
-        # Servers without lifespan support: start the background work on first use.
-        if self._start_lock is None:
-            self._start_lock = asyncio.Lock()
+    async def _start(self) -> None:
+        """Start the node's background work on the running loop (idempotent there)."""
+        loop = asyncio.get_running_loop()
+        if self._start_lock_loop is not loop:  # an asyncio.Lock belongs to one loop
+            self._start_lock, self._start_lock_loop = asyncio.Lock(), loop
+        assert self._start_lock is not None
         async with self._start_lock:
-            if not self._started:
-                await self.manager.start()  # type: ignore[union-attr]
-                self._started = True
+            await self.manager.start()
+            self._started = True
+
+    async def _stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self.manager.stop()
 
     async def _lifespan(self, scope: Scope, receive: Any, send: Any) -> None:
+        # The node starts before the app's own start-up code (which may use sessions) and
+        # stops after its shutdown code. If it cannot start, the app never sees the
+        # lifespan: startup.failed is sent, and the error raised, as Starlette's router
+        # does (uvicorn then exits; TestClient raises it from __enter__).
+        message: Message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await self._start()
+            except Exception as exc:
+                log.error("clustersess startup failed: %s", exc)
+                await send({"type": "lifespan.startup.failed", "message": f"clustersess: {exc}"})
+                raise
+        first: list[Message] = [message]
+
         async def receive_wrapper() -> Message:
+            if first:
+                return first.pop()
             message: Message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    if self.manager is None:
-                        assert self.config_error is not None
-                        raise self.config_error
-                    await self._ensure_started()
-                except Exception as exc:
-                    log.error("clustersess startup failed: %s", exc)
-                    await send({"type": "lifespan.startup.failed", "message": f"clustersess: {exc}"})
-                    await asyncio.Future()  # the server shuts down and cancels us
-            elif message["type"] == "lifespan.shutdown" and self._started:
-                await self.manager.stop()  # type: ignore[union-attr]
-                self._started = False
             return message
 
         async def send_wrapper(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete" and self.manager is not None:
+            kind = message["type"]
+            if kind == "lifespan.startup.complete":
                 self.manager.app_started()
+            elif kind in ("lifespan.startup.failed", "lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self._stop()
             await send(message)
 
-        await self.app(scope, receive_wrapper, send_wrapper)
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            # The app's lifespan ended without a word (it does not support the protocol,
+            # or it crashed): the node stops; a server that goes on serving starts it
+            # again with its first request.
+            await self._stop()

@@ -69,7 +69,7 @@ def node(
     if workers > 1:
         from .supervisor import Supervisor, SupervisorError, WorkerPlan
 
-        if not config.clustered:
+        if config.redis_url is None:
             click.echo(
                 f"clustersess: {workers} workers need Redis to share their sessions: set CLUSTERSESS_REDIS_URL "
                 "(or --redis-url)",
@@ -120,7 +120,7 @@ def _log_config(level: str) -> dict[str, object]:
 def demo(nodes: int, workers: int, port_base: int, lb: str, lb_port: int | None, host: str) -> None:
     """Run Redis, N test.jsp nodes and a sticky load balancer here; Ctrl-C stops them all.
 
-    Redis: CLUSTERSESS_REDIS_URL if set, else redis-server on PATH, else the one the
+    Redis: CLUSTERSESS_REDIS_URL if set, else a Redis >= 7 on PATH, else the one the
     'demo' extra installs. The secret: CLUSTERSESS_SECRET, else a random one per run.
     """
     from .demo import DemoError, DemoOptions, run

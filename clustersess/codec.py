@@ -113,7 +113,7 @@ def decode(raw: bytes | str) -> dict[str, Any]:
         raw = raw.decode("utf-8")
     data = _decoder.decode(raw)
     if not isinstance(data, dict):
-        raise ValueError("session data must be a JSON object")
+        raise ValueError("session data must be a JSON object")  # noqa: TRY004 - malformed input, not a caller's bug
     return data
 
 

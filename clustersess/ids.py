@@ -57,13 +57,6 @@ def parse_id(session_id: str) -> SessionId | None:
     return SessionId(token, route)
 
 
-def reroute(session_id: str, route: str) -> str:
-    """The same session, owned by ``route`` (Tomcat's JvmRouteBinderValve)."""
-    parsed = parse_id(session_id)
-    assert parsed is not None, f"not a session ID: {session_id!r}"
-    return make_id(parsed.token, route)
-
-
 class Verified(NamedTuple):
     token: str
     route: str
@@ -83,11 +76,7 @@ class CookieSigner:
     def __init__(
         self, secret_keys: tuple[str, ...], *, salt: str = "clustersess.cookie", route: str | None = None
     ) -> None:
-        assert secret_keys, "Config guarantees at least one key"
-        kw = {"salt": salt, "sep": SIGN_SEP, "digest_method": hashlib.sha256}
-        # Newest key first: it signs, and it is tried first when verifying.
-        self._signers = [itsdangerous.Signer(key, **kw) for key in reversed(secret_keys)]  # type: ignore[arg-type]
-        self._current = self._signers[0]
+        self._salt = salt
         self._cache: dict[str, Verified] = {}
         self._issued: dict[tuple[str, str], str] = {}
         self._route = route
@@ -98,6 +87,24 @@ class CookieSigner:
         #: dict's own ``get`` (no Python frame: it runs on every request), so the dict is
         #: only ever changed in place.
         self.current_token: Callable[[str], str | None] = self._routed_here.get
+        self.set_keys(secret_keys)
+
+    def set_keys(self, secret_keys: tuple[str, ...]) -> None:
+        """Sign and verify with ``secret_keys`` from now on (oldest first).
+
+        Every cached verification is forgotten, so a cookie signed with a key no longer in
+        the list is refused from the next request on. For a Flask app whose keys change
+        at run time; a cluster's messages stay under the key they started with.
+        """
+        assert secret_keys, "Config guarantees at least one key"
+        kw = {"salt": self._salt, "sep": SIGN_SEP, "digest_method": hashlib.sha256}
+        # Newest key first: it signs, and it is tried first when verifying.
+        self._signers = [itsdangerous.Signer(key, **kw) for key in reversed(secret_keys)]  # type: ignore[arg-type]
+        self._current = self._signers[0]
+        # Cleared in place: current_token is bound to _routed_here.
+        self._cache.clear()
+        self._issued.clear()
+        self._routed_here.clear()
 
     def cookie_value(self, token: str, route: str) -> str:
         """The cookie value for session ``token`` owned by ``route``."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import codec, heap, ids, tasks, versions
 from .clock import Clock, SystemClock
 from .config import Config
+from .cookies import KEEP, CookieAction, decide
 from .errors import ReplicationUnavailable, SessionTooLarge, SessionValueError
 from .listeners import DestroyReason, SessionEvent, SessionListener
 from .session import Entry, Session
@@ -29,9 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("clustersess")
 
-#: what close() asks the adapter to do with the cookie
-DELETE_COOKIE = ""
-
 
 class Replicator(Protocol):
     """What the manager needs from the cluster layer (``None`` on a single node);
@@ -42,7 +40,7 @@ class Replicator(Protocol):
     async def stop(self) -> None: ...
     async def acquire(self, token: str) -> Entry | None: ...
     async def replicate(self, entry: Entry) -> bool: ...
-    def can_replicate(self) -> bool: ...
+    def can_replicate(self, token: str | None = None) -> bool: ...
     def buried(self, tokens: dict[str, str | None]) -> None: ...
     async def settle(self) -> bool: ...
     def reclaim(self, entry: Entry) -> None: ...
@@ -105,38 +103,68 @@ class SessionManager:
             )
         self._refuse = config.on_replication_failure == "refuse"
         self.tasks: dict[str, tasks.TaskInfo] = {}
+        #: the task group's task, on the event loop that started it (see start())
         self._runner: asyncio.Task[None] | None = None
-        self._started = asyncio.Event()
         # Looked up on every request: bound once (LocalStore never rebinds its dicts).
         self._current_token = self.signer.current_token
         self._owned = self.store.owned
         self._time = self.clock.time
         self._max_inactive = config.max_inactive
         self._max_size = config.max_session_size
+        self._refresh_on_write = config.max_age is not None
         #: the cluster's invalidations not yet published (a single node has none): while
         #: there are any, requests take the full close() path, which waits for them
         self._unsettled: list[Any] = self.cluster.unsettled if self.cluster is not None else []
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the background tasks (sweeper; cluster receiver and heartbeat)."""
+        """Start the background tasks (sweeper; cluster receiver and heartbeat) on the
+        running event loop.
+
+        Idempotent on one loop. Tasks left on another loop (a test client's, closed since)
+        are dropped and started again here: each ``with TestClient(app)`` has a loop of
+        its own. Raises whatever stops the start (:class:`DuplicateNodeError`, ...) and
+        then leaves no task behind.
+        """
+        loop = asyncio.get_running_loop()
         if self._runner is not None:
-            return
-        self._runner = asyncio.create_task(self._run(), name="clustersess")
-        await self._started.wait()
-        if self.cluster is not None:
-            try:
+            if self._runner.get_loop() is loop and not self._runner.done():
+                return
+            self._drop_foreign_runner()
+        ready = asyncio.Event()
+        runner = self._runner = loop.create_task(self._run(ready), name="clustersess")
+        waiter = loop.create_task(ready.wait())
+        try:
+            # A task group that fails before it is ready must not leave start() waiting.
+            await asyncio.wait({waiter, runner}, return_when=asyncio.FIRST_COMPLETED)
+            if runner.done():
+                runner.result()  # raises why it stopped
+                raise RuntimeError("clustersess: the background tasks ended during start-up")
+            if self.cluster is not None:
                 await self.cluster.wait_ready()
-            except BaseException:
-                # Do not leave background tasks behind a failed start.
-                self._runner.cancel()
-                try:
-                    await self._runner
-                except asyncio.CancelledError:
-                    pass
-                self._runner = None
-                self._started.clear()
-                raise
+        except BaseException:
+            # Do not leave background tasks behind a failed start.
+            waiter.cancel()
+            runner.cancel()
+            await asyncio.wait({runner})
+            self._runner = None
+            raise
+
+    def _drop_foreign_runner(self) -> None:
+        """Forget background tasks started on another event loop (cancelled there if it
+        still runs). A single node loses nothing; a cluster node did not hand over."""
+        runner = self._runner
+        assert runner is not None
+        self._runner = None
+        other = runner.get_loop()
+        if not other.is_closed() and not runner.done():
+            other.call_soon_threadsafe(runner.cancel)
+        if self.cluster is not None:
+            log.warning(
+                "clustersess: node %s was started on an event loop that is gone; starting it again "
+                "on this one (in tests, enter the TestClient with 'with' so the node joins once)",
+                self.node,
+            )
 
     def app_started(self) -> None:
         """Adapters call this once the application has started (after its own start-up
@@ -148,6 +176,9 @@ class SessionManager:
     async def stop(self) -> None:
         """Hand sessions over (when clustered) and stop every background task."""
         if self._runner is None:
+            return
+        if self._runner.get_loop() is not asyncio.get_running_loop():
+            self._drop_foreign_runner()  # nothing to await here: its loop is another one
             return
         if self.cluster is not None:
             await self.cluster.stop()
@@ -161,9 +192,8 @@ class SessionManager:
         elif not runner.cancelled() and runner.exception() is not None:
             log.error("clustersess: background task failed", exc_info=runner.exception())
         self._runner = None
-        self._started.clear()
 
-    async def _run(self) -> None:
+    async def _run(self, ready: asyncio.Event) -> None:
         # One task group owns every background task; cancelling it is the shutdown path.
         # Each task is supervised: an error restarts it (logged, counted, in status()).
         async with asyncio.TaskGroup() as tg:
@@ -171,7 +201,7 @@ class SessionManager:
             tg.create_task(tasks.supervise(info, self._sweeper, on_error=self._task_failed), name="clustersess-sweeper")
             if self.cluster is not None:
                 self.cluster.start_tasks(tg)
-            self._started.set()
+            ready.set()
 
     def _task_failed(self) -> None:
         self.stats.task_restarts += 1
@@ -275,6 +305,8 @@ class SessionManager:
         session = entry.session  # self._live(entry), inlined
         if session is None:
             session = self._load(entry)
+        if not entry.inflight:
+            session.accessed = session.modified = False
         entry.inflight += 1
         # Handle(session, cookie, False, False, entry.token) without the Python-level
         # __init__ call, which costs as much as the rest of this method.
@@ -286,10 +318,16 @@ class SessionManager:
         return handle
 
     def _live(self, entry: Entry) -> Session:
-        """The one live session object of ``entry``, counted as in use."""
+        """The one live session object of ``entry``, counted as in use.
+
+        The first request to hold it starts with ``accessed`` and ``modified`` reset;
+        requests that overlap share them (so a response may get a Vary it could have
+        done without, never the other way round)."""
         session = entry.session
         if session is None:
             session = self._load(entry)
+        if not entry.inflight:
+            session.accessed = session.modified = False
         entry.inflight += 1
         return session
 
@@ -320,12 +358,12 @@ class SessionManager:
         entry.last_accessed = now
         return entry
 
-    async def close(self, handle: Handle) -> str | None:
-        """Commit the request's changes; returns the cookie to set.
+    async def close(self, handle: Handle) -> CookieAction:
+        """Commit the request's changes; returns what the response does with the cookie.
 
-        Returns the cookie value to set, ``DELETE_COOKIE`` to delete it, or ``None`` to
-        send no cookie. When clustered, a change is replicated first (and, in sync mode,
-        acknowledged by the backup) before this returns.
+        For :data:`~clustersess.cookies.SET`, :meth:`cookie_value` is the value to send.
+        When clustered, a change is replicated first (and, in sync mode, acknowledged by
+        the backup) before this returns.
 
         Raises:
             SessionValueError: a value is not JSON-serializable; nothing is stored and
@@ -333,13 +371,19 @@ class SessionManager:
             SessionTooLarge: the session is over ``max_session_size``; likewise.
         """
         if self.close_local(handle):
-            return None
+            return KEEP
         cluster = self.cluster
-        if cluster is not None and self._refuse and not cluster.can_replicate() and self._would_change(handle):
+        if (
+            cluster is not None
+            and self._refuse
+            and not cluster.can_replicate(handle.session._entry.token)
+            and self._would_change(handle)
+        ):
             # Fenced, and configured to refuse: nothing is stored, the request gets 503.
             self.abandon(handle)
             self.stats.writes_refused += 1
-            raise ReplicationUnavailable("this node is fenced: " + cluster.health().reason)
+            action = self._cookie_out(handle, False)
+            raise ReplicationUnavailable("this node is fenced: " + cluster.health().reason, action)
         changed = self._commit(handle)
         if cluster is not None:
             ok = True
@@ -351,7 +395,7 @@ class SessionManager:
                 self.stats.writes_unreplicated += 1
                 if self._refuse:
                     self.stats.writes_refused += 1
-                    raise ReplicationUnavailable("the backup did not confirm it in time")
+                    raise ReplicationUnavailable("the backup did not confirm it", self._cookie_out(handle, changed))
         return self._cookie_out(handle, changed)
 
     def _would_change(self, handle: Handle) -> bool:
@@ -364,7 +408,7 @@ class SessionManager:
             return bool(session)
         return not session._clean
 
-    def close_nowait(self, handle: Handle) -> str | None:
+    def close_nowait(self, handle: Handle) -> CookieAction:
         """:meth:`close` for a node without a cluster, where nothing needs awaiting.
 
         Same result and errors as :meth:`close`; adapters call it when ``self.cluster``
@@ -374,20 +418,31 @@ class SessionManager:
             raise RuntimeError("close_nowait() is for a node without a cluster; await close()")
         changed = self._commit(handle)
         entry = handle.session._entry
-        if entry.token is handle.token and entry.owner == self.node and self.config.max_age is None:
-            return None  # _cookie_out()'s common case, inlined: the request's cookie is right
+        if entry.token is handle.token and entry.owner == self.node and not self._refresh_on_write:
+            return KEEP  # _cookie_out()'s common case, inlined: the request's cookie is right
         return self._cookie_out(handle, changed)
 
-    def _cookie_out(self, handle: Handle, changed: bool) -> str | None:
-        entry = handle.session._entry
-        if entry.token is handle.token and entry.owner == self.node:  # see close_local
-            return self._cookie_for(entry) if changed and self.config.max_age is not None else None
-        if entry.version == 0:  # nothing stored: new, or destroyed in this request
-            return DELETE_COOKIE if handle.session._killed and handle.cookie_in else None
-        cookie = self._cookie_for(entry)
-        if cookie == handle.cookie_in and not handle.resign and not (changed and self.config.max_age is not None):
-            return None
-        return cookie
+    def _cookie_out(self, handle: Handle, changed: bool) -> CookieAction:
+        session = handle.session
+        entry = session._entry
+        stored = entry.version > 0
+        # handle.token is set only for a cookie that was current when the request began;
+        # the same token object still on our entry means it still is (see close_local).
+        current = stored and (
+            (entry.token is handle.token and entry.owner == self.node)
+            or (not handle.resign and handle.cookie_in == self._cookie_for(entry))
+        )
+        return decide(
+            stored=stored,
+            ended=session._killed,
+            had_cookie=handle.cookie_in is not None,
+            current=current,
+            refresh=changed and self._refresh_on_write,
+        )
+
+    def cookie_value(self, handle: Handle) -> str:
+        """The cookie that names ``handle``'s session now (what a SET sends)."""
+        return self._cookie_for(handle.session._entry)
 
     def close_local(self, handle: Handle) -> bool:
         """The fast path of :meth:`close`: nothing changed and the cookie is current.
@@ -428,6 +483,11 @@ class SessionManager:
         entry.inflight -= 1
         if entry.version == 0 and not session:
             return False
+        if not session:
+            # Emptied by this request: the session ends (tombstone, cookie deleted), as an
+            # empty cookie session does in Starlette and Flask.
+            self.invalidate(session)
+            return False
         if session._clean and not entry.dirty and entry.version > 0:
             return False  # provably unchanged: skip the encode
         scalars = not session._deep or session.only_scalars()
@@ -445,11 +505,10 @@ class SessionManager:
         if payload == entry.payload and entry.version > 0 and not entry.dirty:
             return False
         entry.dirty = False
-        if entry.version > 0 and entry.token not in self._owned:
+        if entry.version > 0 and entry.token not in self._owned and self.cluster is not None:
             # Ownership moved away while this request ran: adopt it again so the write
             # is not lost; the cluster resolves the order by epoch.
-            if self.cluster is not None:
-                self.cluster.reclaim(entry)
+            self.cluster.reclaim(entry)
         entry.payload = payload
         entry.version += 1
         entry.vv = versions.bump(entry.vv, self.node)
@@ -467,8 +526,17 @@ class SessionManager:
         return self.signer.cookie_value(entry.token, entry.owner)
 
     # -- lifecycle calls from the session object ---------------------------------------
+    def _refuse_if_fenced(self, entry: Entry) -> None:
+        """Refuse mode: a logout or login on a fenced node fails before it changes anything
+        (its tombstone could not reach the cluster)."""
+        cluster = self.cluster
+        if self._refuse and cluster is not None and entry.version > 0 and not cluster.can_replicate(entry.token):
+            self.stats.writes_refused += 1
+            raise ReplicationUnavailable("this node is fenced: " + cluster.health().reason, KEEP)
+
     def rotate(self, session: Session) -> None:
         entry = session._entry
+        self._refuse_if_fenced(entry)
         old = entry.token
         entry.token = ids.new_token()
         self.stats.sessions_rotated += 1
@@ -485,6 +553,7 @@ class SessionManager:
 
     def invalidate(self, session: Session) -> None:
         entry = session._entry
+        self._refuse_if_fenced(entry)
         if entry.version > 0:
             self.store.bury(entry.token, self._tombstone_until())
             self.stats.sessions_invalidated += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from . import codec, ids, versions
 
@@ -51,19 +51,26 @@ class Session(dict[str, Any]):
     * ``id``: ``<token>.<route>``; ``is_new``: not stored yet; ``created`` and
       ``last_accessed``: epoch seconds.
     * ``rotate()``: new ID, same data, old ID dead; call it at login (anti-fixation).
-    * ``invalidate()``: logout; the old ID is dead and the session starts over empty.
+    * ``invalidate()``, or ``clear()``: logout; the old ID is dead everywhere, the
+      client's cookie is deleted, and the session starts over empty (a write after it
+      gets a new ID). A session that a request leaves empty ends the same way.
+    * ``accessed`` and ``modified``, as in Starlette and Flask: the session was used, or
+      changed (``modified`` only tracks the dict itself; a change inside a nested value
+      is found anyway, by comparing the stored JSON). Both are reset when a request
+      opens a session no other request holds.
 
     Setting a value that is not JSON-serializable raises :class:`SessionValueError` (a
     ``TypeError``) naming the key, at the assignment.
     """
 
-    __slots__ = ("_entry", "_manager", "_killed", "_clean", "_deep", "accessed")
+    __slots__ = ("_clean", "_deep", "_entry", "_killed", "_manager", "accessed", "modified")
 
     def __init__(self, entry: Entry, manager: SessionManager, data: Mapping[str, Any] | None = None) -> None:
         super().__init__(data or {})
         self._entry = entry
         self._manager = manager
         self.accessed = False
+        self.modified = False
         #: invalidate() destroyed the stored session this object came from
         self._killed = False
         #: provably equal to the committed JSON: untouched since the last commit, and
@@ -116,10 +123,12 @@ class Session(dict[str, Any]):
         if not codec.check_value(key, value):
             self._deep = True
         self._clean = False
+        self.accessed = self.modified = True
         dict.__setitem__(self, key, value)
 
     def __delitem__(self, key: str) -> None:
         self._clean = False
+        self.accessed = self.modified = True
         super().__delitem__(key)
 
     def setdefault(self, key: str, default: Any = None) -> Any:
@@ -127,6 +136,8 @@ class Session(dict[str, Any]):
             if not codec.check_value(key, default):
                 self._deep = True
             self._clean = False
+            self.modified = True
+        self.accessed = True
         return super().setdefault(key, default)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
@@ -135,23 +146,33 @@ class Session(dict[str, Any]):
             if not codec.check_value(key, value):
                 self._deep = True
         self._clean = False
+        self.accessed = self.modified = True
         super().update(items)
 
-    def __ior__(self, other: Any) -> Session:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> Self:  # type: ignore[override,misc]
         self.update(other)
         return self
 
-    def pop(self, *args: Any) -> Any:
-        self._clean = False
-        return super().pop(*args)
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            self._clean = False
+            self.modified = True
+        self.accessed = True
+        return super().pop(key, *default)
 
     def popitem(self) -> tuple[str, Any]:
         self._clean = False
+        self.accessed = self.modified = True
         return super().popitem()
 
     def clear(self) -> None:
-        self._clean = False
-        super().clear()
+        """Log out, like :meth:`invalidate` (which says what that does).
+
+        Starlette and Flask apps log out with ``session.clear()``; on a server-side
+        session emptying the dict alone would leave the old ID alive on the server.
+        """
+        self.accessed = self.modified = True
+        self.invalidate()
 
     def replace_all(self, data: Iterable[tuple[str, Any]] | Mapping[str, Any]) -> None:
         """Swap the contents without validation (data known good); internal use."""

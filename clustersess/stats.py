@@ -99,6 +99,8 @@ class Stats:
     conflicts: int = 0
     takeovers_unconfirmed: int = 0
     reclaims: int = 0
+    #: sessions given up to a takeover that never completed, taken back
+    takebacks: int = 0
     stepped_down: int = 0
     members_suspected: int = 0
     rejoins: int = 0

@@ -104,7 +104,7 @@ def from_json(raw: Any, valid_name: Any) -> VV:
 class Candidate:
     """One copy offered to :func:`choose`: its vector, epoch, owner and data."""
 
-    __slots__ = ("vv", "epoch", "owner", "payload", "item")
+    __slots__ = ("epoch", "item", "owner", "payload", "vv")
 
     def __init__(self, vv: VV, epoch: int, owner: str, payload: bytes, item: Any = None) -> None:
         self.vv = vv

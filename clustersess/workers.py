@@ -151,7 +151,7 @@ def for_this_process(config: Config, found: ServerWorkers | None = None) -> Conf
         return config
     name, n, server = config.node_name, found.workers, found.server
     run_instead = f"clustersess node --name {name} --workers {n} --port PORT APP"
-    if not config.clustered:
+    if config.redis_url is None:
         raise ConfigError(
             f"{server} runs {n} worker processes on one port, and without Redis each keeps its own "
             "sessions: a request that lands on another worker would lose its session. "

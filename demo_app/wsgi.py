@@ -18,6 +18,9 @@ from flask import Flask, jsonify, request, session
 from clustersess.flask_ext import ClusterSession
 
 app = Flask(__name__)
+# The cookie the Starlette nodes use (Tomcat's name), so this node serves their sessions;
+# CLUSTERSESS_COOKIE, if set, wins over it on every node.
+app.config["SESSION_COOKIE_NAME"] = "JSESSIONID"
 clustersess = ClusterSession(app)
 
 

@@ -1,21 +1,78 @@
-"""Generic fixtures shared by the whole suite.
+"""Generic fixtures shared by the whole suite, and two suite-wide checks.
 
 Real processes only: ``redis_server`` is a real ``redis-server`` on a free port, and
 ``node_factory`` starts real ``clustersess node`` processes. Both kill what they started at
 teardown, even when the test failed.
+
+The report header says which ``redis-server`` the suite runs (see
+:func:`tests.utils.redis_binary`). At the end, no process the suite started may still be
+running: every child inherits a marker variable, and any process that still carries it
+is killed and named, and the run fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from clustersess import FakeClock
-from tests.utils import TEST_SECRET, NodeProcess, RedisServer, ServerProcess
+from tests.utils import REQUIRE_ALL, TEST_SECRET, NodeProcess, RedisServer, ServerProcess, redis_binary
+
+#: inherited by every process the suite starts (base_env keeps it: no CLUSTERSESS_ prefix)
+RUN_MARKER = "TESTRUN_OF_CLUSTERSESS"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault(RUN_MARKER, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    found = redis_binary()
+    redis = found.describe() if found is not None else "none found (tests that need it skip)"
+    lines = [f"clustersess: {redis}"]
+    if REQUIRE_ALL:
+        lines.append("clustersess: CLUSTERSESS_TEST_REQUIRE_ALL is set: a test that needs a missing tool fails")
+    return lines
+
+
+def _leftovers(marker: str) -> list[tuple[int, str]]:
+    """Processes other than this one whose environment carries ``marker``."""
+    needle = f"{RUN_MARKER}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(
+                    (int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                )
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    marker = os.environ.get(RUN_MARKER, "")
+    # Only the run that made the marker checks (a pytest started by a test inherits it).
+    if not marker.startswith(f"{os.getpid()}-") or not Path("/proc/self/environ").exists():
+        return
+    left = _leftovers(marker)
+    for pid, _ in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        listing = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in left)
+        session.config.get_terminal_writer().line(f"\nprocesses outlived the suite (killed now):\n{listing}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:

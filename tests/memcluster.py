@@ -21,7 +21,7 @@ from clustersess.cluster import MemoryBus
 from clustersess.cluster import messages as m
 from clustersess.cluster.membership import new_incarnation
 from clustersess.cluster.wire import Codec
-from tests.utils import TEST_SECRET, async_wait_until
+from tests.utils import TEST_SECRET, async_wait_until, cookie_after
 
 #: short membership timing so failures are detected in a fraction of a second
 FAST: dict[str, Any] = {
@@ -178,7 +178,7 @@ async def write(manager: SessionManager, cookie: str | None, **data: Any) -> str
     """One request that sets ``data``; returns the cookie the client then holds."""
     handle = await manager.open(cookie)
     handle.session.update(data)
-    new = await manager.close(handle)
+    new = await cookie_after(manager, handle)
     return new or cookie or ""
 
 
@@ -186,7 +186,7 @@ async def read(manager: SessionManager, cookie: str) -> tuple[dict[str, Any], bo
     """One read-only request: (data, is_new, cookie the client then holds)."""
     handle = await manager.open(cookie)
     data, new = dict(handle.session), handle.session.is_new
-    out = await manager.close(handle)
+    out = await cookie_after(manager, handle)
     return data, new, out or cookie
 
 

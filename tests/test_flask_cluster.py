@@ -7,7 +7,6 @@ Flask demo (``demo_app.wsgi:app``) under waitress or gunicorn.
 from __future__ import annotations
 
 import itertools
-import shutil
 import signal
 import sys
 import textwrap
@@ -22,8 +21,6 @@ import pytest
 from tests.utils import TEST_SECRET, NodeProcess, RedisServer, ServerProcess, base_env, free_port, wait_until
 
 COOKIE = "JSESSIONID"
-
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
 
 def request(method: str, url: str, cookie: str | None = None) -> tuple[dict[str, Any], str | None]:
@@ -166,7 +163,6 @@ def gunicorn_pair(
     return guni, star
 
 
-@pytest.mark.skipif(shutil.which("gunicorn") is None, reason="needs gunicorn")
 def test_gunicorn_workers_are_members_and_alternating_requests_stay_correct(
     redis_server: RedisServer,
     node_factory: Callable[..., NodeProcess],
@@ -202,7 +198,6 @@ def test_gunicorn_workers_are_members_and_alternating_requests_stay_correct(
     wait_until(lambda: "guni_w1 lost: left" in star.log_text() and "guni_w2 lost: left" in star.log_text())
 
 
-@pytest.mark.skipif(shutil.which("gunicorn") is None, reason="needs gunicorn")
 def test_gunicorn_workers_stopping_together_lose_no_session(
     redis_server: RedisServer,
     node_factory: Callable[..., NodeProcess],
@@ -216,7 +211,6 @@ def test_gunicorn_workers_stopping_together_lose_no_session(
     assert not lost, f"{len(lost)} of {len(sessions)} sessions lost"
 
 
-@pytest.mark.skipif(shutil.which("gunicorn") is None, reason="needs gunicorn")
 def test_app_built_before_the_fork_fails_clearly(process_factory: Callable[..., ServerProcess]) -> None:
     # gunicorn --preload builds the app (and the loop thread) in the master; a forked
     # worker has no loop thread, so it must refuse requests with a message, not hang.

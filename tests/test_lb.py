@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from clustersess import lb
-from tests.utils import REPO_ROOT, NodeProcess, RedisServer, ServerProcess, free_port, wait_until
+from tests.utils import REPO_ROOT, NodeProcess, RedisServer, ServerProcess, free_port, missing, wait_until
 
 FAST_CLUSTER = {"CLUSTERSESS_HEARTBEAT": "0.2", "CLUSTERSESS_DROP_TIME": "1.0"}
 
@@ -74,7 +74,7 @@ def test_shipped_haproxy_cfg_is_valid() -> None:
 def _binary(kind: lb.Kind) -> str:
     binary = lb.find(kind)
     if binary is None:
-        pytest.skip(f"{kind} is not installed (.ci/run installs it: apt-get install {kind})")
+        missing(kind, install=f"on Debian: apt-get install -y {kind}")
     return binary
 
 

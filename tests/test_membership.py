@@ -178,7 +178,9 @@ async def test_a_newer_incarnation_replaces_the_member_and_its_sessions_are_adop
     cluster.bus.keys.pop("clustersess:claim:{n2}", None)  # rather than waiting out its 5 s lease
     n2 = await cluster.add("n2", drop_time=5.0)  # restarted under the same name, memory empty
     assert n2.cluster.incarnation != old_inc
-    await eventually(lambda: all(mg.cluster.members.members["n2"].incarnation == n2.cluster.incarnation for mg in (n1, n3)))
+    await eventually(
+        lambda: all(mg.cluster.members.members["n2"].incarnation == n2.cluster.incarnation for mg in (n1, n3))
+    )
     # the old life's sessions are adopted by the backups it chose, and get a new backup
     adopted = lambda: [t for t in tokens if t in cluster.nodes[backed_up_on[t]].store.owned]
     await eventually(lambda: len(adopted()) == len(tokens), what=f"adoption ({len(adopted())} of {len(tokens)})")

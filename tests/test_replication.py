@@ -19,10 +19,10 @@ from clustersess import SessionManager, versions
 from clustersess.cluster import messages as m
 from clustersess.cluster.membership import pick_backup
 from clustersess.cluster.wire import Codec
-from clustersess.manager import DELETE_COOKIE
 from clustersess.session import Entry
 from tests.listeners import Recorder
 from tests.memcluster import FAST, Cluster, Peer, cluster, delivered, eventually, read, route_of, token_of, write
+from tests.utils import DELETED, cookie_after
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -161,7 +161,7 @@ async def test_listeners_fire_on_the_backup_only_when_asked(cluster: Cluster) ->
     for cookie in cookies.values():
         handle = await n1.open(cookie)
         handle.session.invalidate()
-        assert await n1.close(handle) == DELETE_COOKIE
+        assert await cookie_after(n1, handle) == DELETED
 
     session_id = f"{token_of(n1, cookies['n2'])}.n1"
     # (the loop above may have made extra sessions; follow the one backed up on n2)
@@ -239,7 +239,7 @@ async def test_request_on_another_node_takes_over_and_round_robin_keeps_counting
         handle = await node.open(cookie)
         assert not handle.session.is_new
         handle.session["n"] += 1
-        cookie = await node.close(handle) or cookie
+        cookie = await cookie_after(node, handle) or cookie
         assert route_of(cookie) == node.node
     assert (await read(nodes[0], cookie))[0] == {"n": 12}
     token = token_of(nodes[0], cookie)
@@ -254,7 +254,7 @@ async def test_invalidate_tombstones_everywhere_and_late_replicate_is_dropped(cl
     assert len(cluster.holders(token)) == 2
     handle = await n1.open(cookie)
     handle.session.invalidate()
-    assert await n1.close(handle) == DELETE_COOKIE
+    assert await cookie_after(n1, handle) == DELETED
     # sync mode: the INVALIDATE is published before close() returns; delivery is immediate
     await delivered()
     now = cluster.clock.time()
@@ -295,7 +295,7 @@ async def test_rotate_kills_the_old_token_on_every_node(cluster: Cluster) -> Non
     old = await write(n1, None, user="ann")
     handle = await n1.open(old)
     handle.session.rotate()
-    new = await n1.close(handle)
+    new = await cookie_after(n1, handle)
     assert new and token_of(n1, new) != token_of(n1, old)
     await delivered()
     for mg in (n1, n2, n3):
@@ -433,7 +433,7 @@ async def test_logout_during_an_outage_reaches_the_backup_afterwards(cluster: Cl
     await eventually(lambda: not n1.cluster.transport.connected)  # type: ignore[union-attr]
     handle = await n1.open(cookie)
     handle.session.invalidate()
-    assert await n1.close(handle) == DELETE_COOKIE
+    assert await cookie_after(n1, handle) == DELETED
     cluster.bus.down = False
     await eventually(lambda: n2.store.is_dead(token, cluster.clock.time()), what="tombstone on the backup")
     assert cluster.holders(token) == {}
@@ -448,13 +448,15 @@ async def test_logout_missed_by_a_disconnected_backup_reaches_it_on_resync(clust
     cookie = await write(n1, None, user="ann")
     token = token_of(n1, cookie)
     # n2 alone loses its subscriptions for a while (its Redis connection dropped)
-    cut = {ch: [cb for cb in cbs if getattr(cb, "__self__", None) is n2.cluster] for ch, cbs in cluster.bus.subscribers.items()}
+    mine = n2.cluster
+    subscribers = cluster.bus.subscribers.items()
+    cut = {ch: [cb for cb in cbs if getattr(cb, "__self__", None) is mine] for ch, cbs in subscribers}
     for ch, cbs in cut.items():
         for cb in cbs:
             cluster.bus.subscribers[ch].remove(cb)
     handle = await n1.open(cookie)
     handle.session.invalidate()
-    await n1.close(handle)
+    await cookie_after(n1, handle)
     await delivered()
     assert token in n2.store.backups  # it missed the INVALIDATE
     for ch, cbs in cut.items():
@@ -489,7 +491,7 @@ async def test_concurrent_takeovers_on_two_nodes_leave_one_owner(cluster: Cluste
     async def increment(manager: SessionManager) -> None:
         handle = await manager.open(cookie)
         handle.session["n"] += 1
-        await manager.close(handle)
+        await cookie_after(manager, handle)
 
     await asyncio.gather(increment(n2), increment(n3))
     await asyncio.sleep(0.2)

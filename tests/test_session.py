@@ -19,9 +19,9 @@ from clustersess import (
     SessionValueError,
     ids,
 )
-from clustersess.manager import DELETE_COOKIE
 from clustersess.session import Session
 from tests.listeners import Recorder
+from tests.utils import DELETED, cookie_after
 
 SECRET = "core-test-secret"
 
@@ -50,7 +50,7 @@ async def req(
     handle = await manager.open(cookie)
     if action is not None:
         action(handle.session)
-    out = await manager.close(handle)
+    out = await cookie_after(manager, handle)
     return out, handle.session
 
 
@@ -71,7 +71,7 @@ async def test_written_session_gets_a_signed_cookie_and_is_found_again(
     manager: SessionManager, clock: FakeClock
 ) -> None:
     out, s = await req(manager, None, _set(user="ann"))
-    assert out is not None and out != DELETE_COOKIE
+    assert out is not None and out != DELETED
     assert manager.signer.verify(out) is not None
     assert out.count(".") == 1 and out.endswith(".node1")
     assert out.split("~")[0] == s.id.split(".")[0]
@@ -91,8 +91,8 @@ async def test_one_live_object_per_session(manager: SessionManager) -> None:
     h1 = await manager.open(out)
     h2 = await manager.open(out)
     assert h1.session is h2.session
-    await manager.close(h1)
-    await manager.close(h2)
+    await cookie_after(manager, h1)
+    await cookie_after(manager, h2)
 
 
 @pytest.mark.parametrize(
@@ -176,7 +176,7 @@ async def test_invalidate_kills_old_id_and_deletes_cookie(manager: SessionManage
     out, s = await req(manager, None, _set(user="ann"))
     old_id = s.id
     out2, s2 = await req(manager, out, lambda s: s.invalidate())
-    assert out2 == DELETE_COOKIE
+    assert out2 == DELETED
     assert dict(s2) == {} and s2.id != old_id
     assert manager.status()["sessions_owned"] == 0
     _, s3 = await req(manager, out)
@@ -197,7 +197,7 @@ async def test_invalidate_then_write_starts_a_new_session(manager: SessionManage
         s["user"] = "bob"
 
     out2, s2 = await req(manager, out, relogin)
-    assert out2 not in (None, DELETE_COOKIE, out)
+    assert out2 not in (None, DELETED, out)
     assert s2.id != old_id
     _, s3 = await req(manager, out2)
     assert dict(s3) == {"user": "bob"}
@@ -249,7 +249,7 @@ async def test_sweep_spares_sessions_in_use(manager: SessionManager, clock: Fake
     manager.sweep()
     assert manager.status()["sessions_owned"] == 1
     handle.session["a"] = 2
-    await manager.close(handle)
+    await cookie_after(manager, handle)
 
 
 async def test_background_sweeper_runs_between_start_and_stop(clock: FakeClock, recorder: Recorder) -> None:
@@ -332,7 +332,7 @@ async def test_bad_value_raises_type_error_naming_key_at_assignment(manager: Ses
     with pytest.raises(TypeError):
         handle.session[1] = "x"  # type: ignore[index]
     assert "when" not in handle.session
-    assert await manager.close(handle) is None
+    assert await cookie_after(manager, handle) is None
 
 
 async def test_nested_bad_value_fails_the_commit_and_keeps_last_good_state(manager: SessionManager) -> None:
@@ -341,7 +341,7 @@ async def test_nested_bad_value_fails_the_commit_and_keeps_last_good_state(manag
     handle.session["n"] = 2
     handle.session["cart"].append(object())
     with pytest.raises(TypeError, match="'cart'"):
-        await manager.close(handle)
+        await cookie_after(manager, handle)
     _, s = await req(manager, out)
     assert dict(s) == {"cart": ["ok"], "n": 1}
     assert manager.status()["stats"]["bad_values"] == 1
@@ -353,7 +353,7 @@ async def test_size_limit(clock: FakeClock) -> None:
     handle = await manager.open(out)
     handle.session["big"] = "y" * 500
     with pytest.raises(SessionTooLarge) as info:
-        await manager.close(handle)
+        await cookie_after(manager, handle)
     assert info.value.limit == 200 and info.value.size > 500
     assert "max_session_size" in str(info.value)
     _, s = await req(manager, out)
@@ -362,7 +362,7 @@ async def test_size_limit(clock: FakeClock) -> None:
     handle = await manager.open(None)
     handle.session["big"] = "y" * 500
     with pytest.raises(SessionTooLarge):
-        await manager.close(handle)
+        await cookie_after(manager, handle)
     assert manager.status()["sessions_owned"] == 1
 
 
@@ -385,7 +385,7 @@ async def test_64_concurrent_increments_on_one_session(manager: SessionManager) 
         value = handle.session["n"]
         handle.session["n"] = value + 1
         await asyncio.sleep(0)
-        await manager.close(handle)
+        await cookie_after(manager, handle)
 
     await asyncio.gather(*(incr() for _ in range(64)))
     _, s = await req(manager, out)

@@ -135,7 +135,7 @@ def test_oversized_message_is_refused_even_when_signed() -> None:
         b'"string"',
         b"null",
     ],
-    ids=["text", "utf8", "deep", "long int", "infinity", "deep data", "trailing", "version", "nan", "list", "str", "null"],
+    ids=["text", "utf8", "deep", "long int", "infinity", "deep data", "trailing", "version", "nan", "list", "str", "null"],  # noqa: E501
 )
 def test_authenticated_garbage_raises_bad_message(payload: bytes) -> None:
     with pytest.raises(BadMessage):
@@ -203,7 +203,8 @@ async def test_garbage_forged_and_tampered_messages_are_dropped_and_counted(clus
 async def test_authenticated_but_malformed_messages_are_dropped_and_counted(cluster: Cluster) -> None:
     n1, peer = await one_node(cluster)
     token = ids.new_token()
-    env = m.Envelope("mallory", peer.incarnation, 1, m.Replicate((m.SessionState(token, "mallory", 0, 1, 1.0, 1.0, "{}"),)))
+    state = m.SessionState(token, "mallory", 0, 1, 1.0, 1.0, "{}")
+    env = m.Envelope("mallory", peer.incarnation, 1, m.Replicate((state,)))
     doc = env.to_json()
     bad = [
         {**doc, "v": 99},
@@ -280,7 +281,8 @@ async def test_a_stale_replicate_does_not_replace_a_session_this_node_owns(clust
     await peer.send(n1.cluster.ch_me, m.Replicate((m.SessionState(token, "mallory", entry.epoch, 1, 1.0, 1.0, "{}"),)))
     assert n1.store.owned[token] is entry and entry.session is not None and dict(entry.session) == {"mine": True}
     # a newer epoch, though, means the session moved: the owner lets it go
-    await peer.send(n1.cluster.ch_me, m.Replicate((m.SessionState(token, "mallory", entry.epoch + 1, 1, 1.0, 1.0, "{}"),)))
+    newer = m.SessionState(token, "mallory", entry.epoch + 1, 1, 1.0, 1.0, "{}")
+    await peer.send(n1.cluster.ch_me, m.Replicate((newer,)))
     assert token not in n1.store.owned and n1.store.backups[token].epoch == entry.epoch + 1
 
 
@@ -337,7 +339,9 @@ BODIES = st.one_of(
     st.builds(m.Leave),
     st.builds(m.Replicate, st.lists(STATES, max_size=3).map(tuple), st.booleans()),
     st.builds(m.Ack, st.integers(0, 5), st.lists(TOKENS, max_size=2).map(tuple)),
-    st.builds(m.Accessed, st.lists(st.tuples(TOKENS, st.integers(0, 3), st.floats(1.6e9, 1.8e9)), max_size=2).map(tuple)),
+    st.builds(
+        m.Accessed, st.lists(st.tuples(TOKENS, st.integers(0, 3), st.floats(1.6e9, 1.8e9)), max_size=2).map(tuple)
+    ),
     st.builds(m.Invalidate, st.lists(TOKENS, max_size=2).map(tuple), st.sampled_from(["invalidated", "expired"])),
     st.builds(m.Fetch, st.text(max_size=4), TOKENS),
     st.builds(m.FetchReply, st.text(max_size=4), TOKENS, st.none() | STATES, st.booleans()),

@@ -1,9 +1,15 @@
-"""Shared test helpers: free ports, a real ``redis-server``, real node processes.
+"""Shared test helpers: free ports, a real ``redis-server``, real node processes, and
+what to do when a tool is missing.
 
 Everything here starts *real* processes and always cleans them up: every wait has a
 timeout, and the context managers (and the conftest fixtures built on them) kill what
 they started even when the test fails. Logs go to files so a failing test can show them
 (``proc.log_text()``).
+
+A test that needs a tool the machine may lack calls :func:`require_tool` (or
+:func:`require_redis`): without it the test is skipped with a message naming the Debian
+package; with ``CLUSTERSESS_TEST_REQUIRE_ALL=1`` (set by ``.ci/run``) it fails instead, so
+CI cannot pass by skipping.
 """
 
 from __future__ import annotations
@@ -20,25 +26,92 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, NoReturn, Self
+
+import pytest
+
+from clustersess import redisbin
+from clustersess.cookies import CookieAction
+
+if TYPE_CHECKING:
+    from clustersess.manager import Handle, SessionManager
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-4f1c9a2e7d3b5a60-not-for-production"
 
 __all__ = [
+    "DELETED",
     "REPO_ROOT",
+    "REQUIRE_ALL",
     "TEST_SECRET",
     "NodeProcess",
     "RedisServer",
     "ServerProcess",
     "async_wait_until",
     "base_env",
+    "cookie_after",
     "free_port",
     "http_get",
+    "missing",
+    "redis_binary",
+    "require_redis",
+    "require_tool",
     "wait_until",
 ]
+
+
+#: set (by .ci/run) so that a test needing a missing tool fails instead of skipping
+REQUIRE_ALL = os.environ.get("CLUSTERSESS_TEST_REQUIRE_ALL", "") not in ("", "0")
+
+
+def missing(what: str, *, install: str) -> NoReturn:
+    """Skip the current test (or module) for a missing prerequisite, or fail under
+    ``CLUSTERSESS_TEST_REQUIRE_ALL``. ``install`` says how to get it."""
+    message = f"needs {what}; {install}"
+    if REQUIRE_ALL:
+        pytest.fail(f"{message} (CLUSTERSESS_TEST_REQUIRE_ALL is set: nothing may skip)", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_tool(name: str, *, package: str) -> str:
+    """The path of executable ``name``, or skip/fail naming the Debian ``package``."""
+    path = shutil.which(name)
+    if path is None:
+        missing(f"{name} on PATH", install=f"on Debian: apt-get install -y {package}")
+    return path
+
+
+@cache
+def redis_binary() -> redisbin.RedisBinary | None:
+    """The ``redis-server`` the suite runs (:func:`clustersess.redisbin.find_redis_server`)."""
+    return redisbin.find_redis_server()
+
+
+def require_redis(min_version: tuple[int, ...] = ()) -> redisbin.RedisBinary:
+    """The suite's ``redis-server``, at least ``min_version``; else skip/fail saying how."""
+    found = redis_binary()
+    if found is None:
+        missing("redis-server", install="pip install -e '.[test]' (ships one) or apt-get install -y redis-server")
+    if found.version < min_version:
+        wanted = ".".join(map(str, min_version))
+        missing(f"Redis >= {wanted} (found {found.describe()})", install="on Debian: apt-get install -y redis-server")
+    return found
+
+
+#: what :func:`cookie_after` answers for a response that deletes the cookie
+DELETED = "<deleted>"
+
+
+async def cookie_after(manager: SessionManager, handle: Handle) -> str | None:
+    """``manager.close(handle)`` as the client sees it: the cookie value a Set-Cookie
+    carries, :data:`DELETED`, or ``None`` (no Set-Cookie)."""
+    action = await manager.close(handle)
+    if action is CookieAction.SET:
+        return manager.cookie_value(handle)
+    return DELETED if action is CookieAction.DELETE else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -114,15 +187,40 @@ def http_get(
 
 
 def _signal_and_reap(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
-    """Send ``sig`` to a running process and wait for it; SIGKILL it if it lingers."""
+    """Send ``sig`` to a running process and wait for it; SIGKILL it if it lingers.
+
+    The process leads a process group of its own (``start_new_session``); once it has
+    exited, and before it is reaped (so its group ID cannot be reused), whatever is left
+    in the group is SIGKILLed: a SIGKILLed nginx master leaves its workers listening
+    otherwise. The signal itself goes to the leader only, as a server would get it.
+    """
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
+        if not _exited(proc.pid, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            _exited(proc.pid, timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited, without reaping it (it stays a zombie)."""
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True  # reaped already
+        if info is not None:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
 
 
 # -- redis ------------------------------------------------------------------------------
@@ -140,7 +238,7 @@ class RedisServer:
     ) -> None:
         self.port = port or free_port()
         self.host = "127.0.0.1"
-        self.executable = executable or shutil.which("redis-server") or "redis-server"
+        self.executable = executable or require_redis().path
         self.startup_timeout = startup_timeout
         self.dir = Path(tempfile.mkdtemp(prefix="clustersess-redis-"))
         self.log_path = self.dir / "redis.log"
@@ -169,7 +267,12 @@ class RedisServer:
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.dir,
+                start_new_session=True,
             )
         deadline = time.monotonic() + self.startup_timeout
         while not self.ping():
@@ -273,7 +376,13 @@ class ServerProcess:
             log.write(f"\n=== start: {' '.join(self.cmd)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,  # see _signal_and_reap
             )
         if wait:
             try:
@@ -300,9 +409,8 @@ class ServerProcess:
                     f"{self.cmd[:6]} exited with {self.returncode} before it was ready:\n{self.log_text()}"
                 )
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{self.url}{self.health_path} not ready after {timeout or self.startup_timeout}s:\n{self.log_text()}"
-                )
+                waited = timeout or self.startup_timeout
+                raise TimeoutError(f"{self.url}{self.health_path} not ready after {waited}s:\n{self.log_text()}")
             time.sleep(0.05)
 
     def wait(self, timeout: float = 20.0) -> int:

@@ -106,7 +106,7 @@ def _name(value: Any) -> str:
 
 
 def _list(body: dict[str, Any], key: str, limit: int = 100_000) -> list[Any]:
-    items = _get(body, key, list)
+    items: list[Any] = _get(body, key, list)
     if len(items) > limit:
         raise Malformed(f"field {key!r} is too long")
     return items
@@ -119,11 +119,13 @@ def _vv(value: Any) -> versions.VV:
         raise Malformed(str(exc)) from None
 
 
-def _tuple_of(items: list[Any], arity: int, what: str) -> list[Any]:
+def _tuple_of(items: list[Any], arity: int, what: str) -> list[list[Any]]:
+    out: list[list[Any]] = []
     for item in items:
         if not isinstance(item, list) or len(item) != arity:
             raise Malformed(f"{what} must be a list of {arity}")
-    return items
+        out.append(item)
+    return out
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -122,6 +122,7 @@ class ClusterNode:
         self.ownership = Ownership(ctx, self.replication)
         self.replication.reclaim = self.ownership.reclaim
         self.replication.take_handoff = self.ownership.take_handoff
+        self.replication.unconfirmed = self.ownership.unconfirmed
         self.inbox = Inbox(
             ctx,
             on_echo=self._echo,
@@ -316,9 +317,11 @@ class ClusterNode:
         """Replicate a committed session; True if it is confirmed (see Replication)."""
         return await self.replication.replicate(entry)
 
-    def can_replicate(self) -> bool:
-        """False while fenced: a write now would not be claimed as replicated."""
-        return self.ctx.healthy()
+    def can_replicate(self, token: str | None = None) -> bool:
+        """False while fenced, or while the ownership of ``token`` is unconfirmed (taken
+        over without hearing every member): a write now would not be claimed as
+        replicated."""
+        return self.ctx.healthy() and (token is None or token not in self.ownership.unconfirmed)
 
     def buried(self, tokens: dict[str, str | None]) -> None:
         """These sessions were logged out or rotated away here (token -> its backup)."""
@@ -444,6 +447,7 @@ class ClusterNode:
             self.replication.retry_requeued()
             self.replication.retry_tombstones()
             self.replication.send_drops()
+        self.replication.send_resync()
         self.outbox.expire_acks(now - self.timing.ack_expiry)
 
     def _beat(self, hello: bool = False) -> None:
@@ -510,6 +514,7 @@ class ClusterNode:
         self.incarnation = new_incarnation()
         self.outbox.new_life(self.incarnation)
         self.outbox.requeue.clear()
+        self.replication.request_resync(self._mono() - self._last_traffic + self.timing.drop_time)
         if await self._claim() != "held":
             return  # the heartbeat task keeps trying (REJOINING is fenced)
         for token in dirty:
@@ -542,7 +547,10 @@ class ClusterNode:
                 continue  # its lease still holds (or it was heard meanwhile): wait
             self.members.retire(member.name, member.incarnation)
             self.inbox.forget(member.name, member.incarnation)
-            log.warning("clustersess: member %s lost: silent and its lease lapsed (%d live)", member.name, len(self.members.members))
+            log.warning(
+                "clustersess: member %s lost: silent and its lease lapsed (%d live)",
+                member.name, len(self.members.members),
+            )  # fmt: skip
             self._spawn(self.ownership.adopt_from(member.name), "clustersess-adoption")
             self.replication.rebalance_soon()
 
@@ -600,8 +608,10 @@ class ClusterNode:
         skewed = [mb.name for mb in self.members.members.values() if abs(mb.skew) > skew_warn]
         if skewed:
             self.ctx.warn.warning(
-                "skew", "clustersess: wall clocks of %s differ from ours by more than %.0fs", ", ".join(skewed), skew_warn
-            )
+                "skew",
+                "clustersess: wall clocks of %s differ from ours by more than %.0fs",
+                ", ".join(skewed), skew_warn,
+            )  # fmt: skip
         echo = self.proof.echo_sent
         return {
             "members": members,

@@ -25,6 +25,7 @@ import os
 import random
 
 from .. import codec, versions
+from ..errors import ReplicationUnavailable
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
@@ -40,6 +41,8 @@ class _Round:
     expected: set[str]
     replies: dict[str, m.FetchReply] = dataclasses.field(default_factory=dict)
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: a live member had no subscriber on its channel
+    unheard: bool = False
 
     def complete(self) -> bool:
         return self.expected <= set(self.replies)
@@ -69,6 +72,8 @@ class Ownership:
         #: sessions to take over again to reconcile (writes the current owner may lack)
         self._reclaim_due: dict[str, None] = {}
         self._reclaim_wake = asyncio.Event()
+        #: sessions we gave up to a FETCH, at the epoch we held, until a new owner speaks
+        self._released: dict[str, int] = {}
         #: OWNED announcements waiting to be sent, coalesced
         self._owned_due: list[tuple[str, int, versions.VV]] = []
 
@@ -93,6 +98,13 @@ class Ownership:
         self._pins.setdefault(token, []).append(pin)
         try:
             await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._unpin(token, pin)
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                # The node is stopping (its task group cancelled the takeover), not us.
+                raise ReplicationUnavailable("this node is stopping") from None
+            raise
         except BaseException:
             self._unpin(token, pin)
             raise
@@ -168,13 +180,18 @@ class Ownership:
                 n = await asyncio.wait_for(fut, ctx.timing.takeover_round)
                 if n > 0:
                     rnd.expected.add(name)  # someone listens there: wait for its answer
+                else:
+                    # Nobody listens there: killed, or reconnecting with the session in
+                    # its memory. Not worth waiting for, but not proof either: the
+                    # ownership stays unconfirmed until that member answers or is gone.
+                    rnd.unheard = True
             if not rnd.complete():
                 await asyncio.wait_for(rnd.done.wait(), ctx.timing.takeover_round)
         except (TimeoutError, TransportError):
             ctx.warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
         finally:
             del self._rounds[req]
-        return list(rnd.replies.values()), rnd.complete() and ctx.healthy()
+        return list(rnd.replies.values()), rnd.complete() and not rnd.unheard and ctx.healthy()
 
     async def _take(self, token: str, replies: list[m.FetchReply], complete: bool) -> Entry | None:
         ctx = self.ctx
@@ -331,9 +348,23 @@ class Ownership:
             # in case the new owner dies before replicating.
             ctx.store.backups[token] = owned
             self.unconfirmed.pop(token, None)
+            # A FETCH can arrive late (its round long over) or its taker can die: if no
+            # new owner announces itself in time, take the session back (by a takeover,
+            # which finds a new owner if there is one), so that it is never orphaned.
+            self._released[token] = owned.epoch
+            asyncio.get_running_loop().call_later(2 * ctx.timing.takeover_round, self._unclaimed, token, owned.epoch)
         copy = owned or ctx.store.backups.get(token)
         state = state_of(copy, ctx.wall()) if copy is not None and copy.version > 0 else None
         ctx.outbox.send(ctx.channel(src), m.FetchReply(body.request, token, state))
+
+    def _unclaimed(self, token: str, epoch: int) -> None:
+        if self._released.get(token) != epoch:
+            return  # a new owner announced itself (or we released it again since)
+        del self._released[token]
+        store = self.ctx.store
+        if token not in store.owned and token in store.backups and not store.is_dead(token, self.ctx.wall()):
+            self.ctx.stats.takebacks += 1
+            self.reclaim(token)
 
     def on_fetch_reply(self, member: Member, env: m.Envelope) -> None:
         body = env.body
@@ -351,6 +382,9 @@ class Ownership:
         ctx = self.ctx
         store = ctx.store
         for token, epoch, vv in body.items:
+            released = self._released.get(token)
+            if released is not None and epoch > released:
+                del self._released[token]  # the taker we gave it to owns it now
             mine = store.owned.get(token)
             if mine is not None:
                 if mine.epoch > epoch or (mine.epoch == epoch and ctx.name < member.name):

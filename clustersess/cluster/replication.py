@@ -80,6 +80,8 @@ class Replication:
         self.reclaim: Callable[[str], None] = lambda token: None
         #: set by the node: make a handed-over copy ours
         self.take_handoff: Callable[[Entry, Member], None] = lambda entry, member: None
+        #: set by the node: owned sessions whose takeover has not heard every member
+        self.unconfirmed: dict[str, None] = {}
         #: acknowledgements of logouts not yet received; changed only in place (the
         #: manager looks at this very list on every request)
         self.unsettled: list[asyncio.Future[Any]] = []
@@ -91,6 +93,8 @@ class Replication:
         self._resync_at: dict[str, float] = {}
         self._resync_waiting: dict[str, float] = {}
         self._last_resync_request = float("-inf")
+        self._resync_due = False
+        self._resync_since = 0.0
         self._rebalance_due = asyncio.Event()
         #: members whose copies were lost (they restarted): every session they backed up
         #: goes to its backup again
@@ -137,6 +141,7 @@ class Replication:
             # Fenced: claim nothing. The write is kept here and sent once we are back.
             ctx.outbox.requeue[entry.token] = None
             return False
+        confirmed = entry.token not in self.unconfirmed  # else: replicate, but claim nothing
         sync = ctx.config.replication == "sync"
         deadline = ctx.mono() + ctx.timing.ack_timeout
         for _attempt in range(3):
@@ -168,7 +173,7 @@ class Replication:
                 return False  # counted and queued by the flusher, or no longer ours
             finally:
                 timer.cancel()
-            return refusal is None and ctx.healthy()
+            return refusal is None and confirmed and ctx.healthy()
         ctx.outbox.requeue[entry.token] = None
         return False
 
@@ -448,15 +453,33 @@ class Replication:
 
     # == resync ===============================================================================
     def request_resync(self, since: float) -> None:
-        """We may have missed ``since`` seconds of messages: ask the owners (rate-limited;
-        a burst of gaps costs one request)."""
+        """We may have missed ``since`` seconds of messages: ask the owners. Rate-limited
+        (a burst of gaps costs one request, asking for the longest of them) and
+        reliable: a request that could not be published is sent again."""
+        self._resync_since = max(self._resync_since, since)
+        self._resync_due = True
+        self.send_resync()
+
+    def send_resync(self) -> None:
+        """Send the pending resync request if the interval allows (the heartbeat retries)."""
         ctx = self.ctx
         now = ctx.mono()
-        if now - self._last_resync_request < ctx.timing.resync_interval:
+        if not self._resync_due or now - self._last_resync_request < ctx.timing.resync_interval:
             return
         self._last_resync_request = now
+        since, self._resync_since = self._resync_since, 0.0
+        self._resync_due = False
         ctx.stats.resyncs_requested += 1
-        ctx.outbox.send(ctx.ch_all, m.Resync(since))
+        fut = ctx.outbox.send(ctx.ch_all, m.Resync(since), counted=True)
+        assert fut is not None
+
+        def done(f: asyncio.Future[int]) -> None:
+            if f.cancelled() or f.exception() is not None or f.result() <= 1:
+                # Not published, or nobody but us heard it: ask again next time.
+                self._resync_since = max(self._resync_since, since)
+                self._resync_due = True
+
+        fut.add_done_callback(done)
 
     def on_resync(self, member: Member, env: m.Envelope) -> None:
         body = env.body

@@ -157,11 +157,11 @@ class RedisTransport:
         self.connected = False
         self._url = url
         # No hidden retries: a failed call surfaces at once, and the node decides.
-        common = dict(
-            socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        common = {
+            "socket_connect_timeout": connect_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+        }
         self._pub = aioredis.Redis.from_url(url, socket_timeout=op_timeout, **common)  # type: ignore[arg-type]
         self._sub = aioredis.Redis.from_url(url, socket_timeout=None, **common)  # type: ignore[arg-type]
         self._backoff = ExponentialWithJitterBackoff(cap=backoff_cap, base=0.05)
@@ -211,7 +211,7 @@ class RedisTransport:
                 try:
                     # Bounded: a broken connection must not hold up reconnecting or stopping.
                     await asyncio.wait_for(asyncio.shield(pubsub.aclose()), 1.0)  # type: ignore[no-untyped-call]
-                except Exception:  # the connection is already broken
+                except Exception:  # noqa: BLE001, S110 -- the connection is already broken
                     pass
             await asyncio.sleep(self._backoff.compute(failures))
 
@@ -276,7 +276,7 @@ class RedisTransport:
         for client in (self._pub, self._sub):
             try:
                 await client.aclose()
-            except Exception:
+            except Exception:  # noqa: BLE001, S110 -- closing what may already be broken
                 pass
 
 
