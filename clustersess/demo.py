@@ -380,7 +380,8 @@ class Demo:
                 "CLUSTERSESS_ZONE": name,
             }
             cmd = [sys.executable, "-m", "clustersess.cli", "node", "--name", name, "--host", opts.host,
-                   "--port", str(opts.node_port(i)), "--workers", str(opts.workers), "--log-level", "warning"]  # fmt: skip
+                   "--port", str(opts.node_port(i)), "--workers", str(opts.workers),
+                   "--log-level", "warning"]  # fmt: skip
             child = self._spawn(name, cmd, env)
             self.nodes.extend((route, port, child) for route, port in opts.routes(i))
         for name, port, child in self.nodes:
@@ -470,7 +471,8 @@ class Demo:
         say(f"  Logs:   {self.rundir}/")
         say()
         for name, port, child in self.nodes:
-            say(f"  {name}: {self._url(port)}   status: {self._url(port, '/cluster')}   pid {self._pid(name, port, child)}")
+            pid = self._pid(name, port, child)
+            say(f"  {name}: {self._url(port)}   status: {self._url(port, '/cluster')}   pid {pid}")
         if self.balancer:
             kind, child = self.balancer
             say(f"  load balancer ({LB_LABEL[kind]}, sticky on the cookie's .nodeN suffix): "

@@ -120,4 +120,5 @@ class Stats:
 
     def histograms(self) -> dict[str, Histogram]:
         """Every histogram by name."""
-        return {f.name: value for f in dataclasses.fields(self) if isinstance(value := getattr(self, f.name), Histogram)}
+        fields = dataclasses.fields(self)
+        return {f.name: value for f in fields if isinstance(value := getattr(self, f.name), Histogram)}

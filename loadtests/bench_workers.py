@@ -199,7 +199,9 @@ class Setup:
 
 
 @contextlib.contextmanager
-def contender(name: str, redis_url: str, round_: int, tmp: Path, log: Any, replication: str = "sync") -> Iterator[Setup]:
+def contender(
+    name: str, redis_url: str, round_: int, tmp: Path, log: Any, replication: str = "sync"
+) -> Iterator[Setup]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CLUSTERSESS_SECRET": SECRET, "CLUSTERSESS_NODE": "node1",
            "CLUSTERSESS_REDIS_URL": redis_url, "CLUSTERSESS_CLUSTER": f"bench-workers-{name}-{round_}",
            "CLUSTERSESS_REPLICATION": replication}  # fmt: skip
@@ -253,7 +255,8 @@ def run_wrk(setup: Setup, cookies: list[str], path: str, duration: int, connecti
             ) -> dict[str, Any]:  # fmt: skip
     script = tmp / f"wrk-{setup.name}-{setup.lb_port}-{path.strip('/')}.lua"
     lua_cookies = "{" + ", ".join(json.dumps(c) for c in cookies) + "}"
-    script.write_text(WRK_LUA.replace("{COOKIES}", lua_cookies).replace("{PATH}", path).replace("{NAME}", setup.cookie_name))
+    lua = WRK_LUA.replace("{COOKIES}", lua_cookies).replace("{PATH}", path).replace("{NAME}", setup.cookie_name)
+    script.write_text(lua)
     argv = ["wrk", f"-t{len(cookies)}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s", "-s", str(script),
             f"http://127.0.0.1:{setup.lb_port}{path}"]  # fmt: skip
     cpu0 = cpu_seconds(setup.workers)
@@ -291,12 +294,14 @@ def main() -> int:
     parser.add_argument("--replication", choices=("sync", "async"), default="sync", help="clustersess's (default sync)")
     parser.add_argument("--json", help="write every sample here")
     args = parser.parse_args()
-    missing = [t for t in ("wrk", "redis-server") if shutil.which(t) is None] + ([] if lb.find("haproxy") else ["haproxy"])
+    missing = [t for t in ("wrk", "redis-server") if shutil.which(t) is None]
+    missing += [] if lb.find("haproxy") else ["haproxy"]
     if missing:
         print(f"bench_workers: needs {', '.join(missing)} (apt-get install wrk haproxy redis-server)", file=sys.stderr)
         return 2
     if not 1 <= args.users <= args.connections:
-        print("bench_workers: --users must be between 1 and --connections (each user needs a connection)", file=sys.stderr)
+        print("bench_workers: --users must be between 1 and --connections (each user needs a connection)",
+              file=sys.stderr)  # fmt: skip
         return 2
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(CONTENDERS)
@@ -330,7 +335,8 @@ def main() -> int:
                                     result["counted"] = counters(setup, cookies) - before
                                 samples.setdefault((name, test), []).append(result)
                                 print(f"  round {round_ + 1} {name:<12} {test:<5} {result['rps']:>9,.0f} req/s"
-                                      f"  p99 {result['p99_us'] / 1000:6.2f} ms  errors {result['errors']}", flush=True)  # fmt: skip
+                                      f"  p99 {result['p99_us'] / 1000:6.2f} ms  errors {result['errors']}",
+                                      flush=True)  # fmt: skip
         finally:
             redis.terminate()
             redis.wait(10)

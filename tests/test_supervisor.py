@@ -24,7 +24,7 @@ import pytest
 
 from clustersess import lb
 from clustersess.supervisor import SupervisorError, WorkerPlan
-from tests.utils import TEST_SECRET, RedisServer, ServerProcess, base_env, free_port, wait_until
+from tests.utils import TEST_SECRET, RedisServer, ServerProcess, base_env, free_port, missing, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,7 +55,9 @@ def test_lb_config_renders_the_shipped_templates(kind: lb.Kind, tmp_path: Path) 
     if kind == "haproxy":
         binary = lb.find("haproxy")
         if binary is not None:
-            check = subprocess.run([binary, "-c", "-f", str(out)], capture_output=True, text=True, timeout=30, check=False)
+            check = subprocess.run(
+                [binary, "-c", "-f", str(out)], capture_output=True, text=True, timeout=30, check=False
+            )
             assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -88,7 +90,8 @@ def test_worker_plan() -> None:
 
 
 def test_node_workers_without_redis_is_refused() -> None:
-    result = cli("node", "--workers", "2", "--port", str(free_port()), env=base_env({"CLUSTERSESS_SECRET": TEST_SECRET}))
+    env = base_env({"CLUSTERSESS_SECRET": TEST_SECRET})
+    result = cli("node", "--workers", "2", "--port", str(free_port()), env=env)
     assert result.returncode == 2 and "CLUSTERSESS_REDIS_URL" in result.stderr, result.stderr
 
 
@@ -98,7 +101,7 @@ def test_node_workers_without_redis_is_refused() -> None:
 def _haproxy() -> str:
     binary = lb.find("haproxy")
     if binary is None:
-        pytest.skip("haproxy is not installed (.ci/run installs it: apt-get install haproxy)")
+        missing("haproxy", install="on Debian: apt-get install -y haproxy")
     return binary
 
 
@@ -287,7 +290,7 @@ def test_one_server_line_routes_every_worker_route_of_its_server(
 ) -> None:
     binary = lb.find(kind)
     if binary is None:
-        pytest.skip(f"{kind} is not installed")
+        missing(kind, install=f"on Debian: apt-get install -y {kind}")
     port1, port2 = free_port(), free_port()
     env = {"CLUSTERSESS_SECRET": TEST_SECRET, "CLUSTERSESS_REDIS_URL": redis_server.url, **FAST}
     process_factory(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 import sys
 import threading
 import types
@@ -141,15 +140,13 @@ def env(redis: RedisServer | None, name: str = "node1") -> dict[str, str]:
 
 REFUSAL = "without Redis each keeps its own sessions"
 
-needs_gunicorn = pytest.mark.skipif(shutil.which("gunicorn") is None, reason="needs gunicorn")
-
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "server",
     [
         pytest.param("uvicorn", id="uvicorn --workers 2"),
-        pytest.param("gunicorn-gthread", id="gunicorn -w 2 -k gthread (Flask)", marks=needs_gunicorn),
+        pytest.param("gunicorn-gthread", id="gunicorn -w 2 -k gthread (Flask)"),
     ],
 )
 def test_several_workers_without_redis_refuse_to_start(
@@ -170,7 +167,9 @@ def test_several_workers_without_redis_refuse_to_start(
         assert code != 0  # gunicorn: "Worker failed to boot"; uvicorn's parent exits 0 after stopping
 
 
-def started_pair(cmd: list[str], redis: RedisServer, make: Callable[..., ServerProcess]) -> tuple[ServerProcess, set[str]]:
+def started_pair(
+    cmd: list[str], redis: RedisServer, make: Callable[..., ServerProcess]
+) -> tuple[ServerProcess, set[str]]:
     port = int(cmd[cmd.index("-b") + 1].rsplit(":", 1)[1]) if "-b" in cmd else int(cmd[cmd.index("--port") + 1])
     proc = make(cmd, port=port, env=env(redis))
 
@@ -212,7 +211,6 @@ def test_uvicorn_workers_with_redis_are_members_and_sessions_stay_exact(
     assert "DuplicateNodeError" not in log and "already named" not in log
 
 
-@needs_gunicorn
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
     ("app", "worker"),
@@ -224,8 +222,6 @@ def test_uvicorn_workers_with_redis_are_members_and_sessions_stay_exact(
 def test_gunicorn_workers_with_redis_are_members_without_a_hook(
     app: str, worker: tuple[str, ...], redis_server: RedisServer, process_factory: Callable[..., ServerProcess]
 ) -> None:
-    if "UvicornWorker" in worker[1]:
-        pytest.importorskip("uvicorn.workers")
     proc, names = started_pair(gunicorn_cmd(free_port(), app, *worker), redis_server, process_factory)
     assert all(re.fullmatch(r"node1_w[0-9]+", n) for n in names), names
     _, served = alternate(proc.url, 30)
