@@ -5,7 +5,15 @@ from __future__ import annotations
 from .asgi import ClusterSessionMiddleware
 from .clock import Clock, FakeClock, SystemClock
 from .config import Config
-from .errors import ClusterSessError, ConfigError, DuplicateNodeError, SessionTooLarge, SessionValueError
+from .errors import (
+    ClusterSessError,
+    ConfigError,
+    DuplicateNodeError,
+    ReplicationUnavailable,
+    SessionTooLarge,
+    SessionUnavailable,
+    SessionValueError,
+)
 from .listeners import SessionEvent, SessionListener
 from .manager import SessionManager
 from .session import Session
@@ -22,11 +30,13 @@ __all__ = [
     "ConfigError",
     "DuplicateNodeError",
     "FakeClock",
+    "ReplicationUnavailable",
     "Session",
     "SessionEvent",
     "SessionListener",
     "SessionManager",
     "SessionTooLarge",
+    "SessionUnavailable",
     "SessionValueError",
     "SystemClock",
     "__version__",

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
 from .errors import ConfigError
+from .redis_url import parse_redis_url, redact
 
 SameSite = Literal["lax", "strict", "none"]
 ReplicationMode = Literal["sync", "async"]
@@ -63,7 +64,9 @@ class Config:
         path, domain, same_site, https_only, partitioned: cookie attributes.
         max_inactive: idle seconds after which a session expires (Tomcat's 30 minutes).
         max_session_size: largest session, in bytes of JSON, that will be stored.
-        redis_url: Redis for replication; ``None`` runs a single node.
+        redis_url: Redis for replication; ``None`` runs a single node. ``redis://``,
+            ``rediss://`` (TLS), ``unix://`` or ``redis+sentinel://h1:26379,h2:26379/service``;
+            a Redis Cluster is detected by itself (:mod:`clustersess.redis_url`, docs/redis.md).
         cluster_name: prefix of the Redis channels, so clusters can share one Redis.
         heartbeat_interval, drop_time: membership timing (Tomcat's 500 ms and 3 s).
         replication: ``"sync"`` waits for the backup's ack before the response is sent
@@ -176,11 +179,11 @@ class Config:
                 f"zone {self.zone!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . : - "
                 "(set CLUSTERSESS_ZONE or zone=...; the default is the host name)"
             )
-        if self.redis_url is not None and not re.match(r"(rediss?|unix)://", self.redis_url):
-            raise ConfigError(
-                f"redis URL must start with redis://, rediss:// or unix:// "
-                f"(CLUSTERSESS_REDIS_URL), got a value of {len(self.redis_url)} characters"
-            )
+        if self.redis_url is not None:
+            try:
+                parse_redis_url(self.redis_url)
+            except ValueError as exc:
+                raise ConfigError(f"redis_url (CLUSTERSESS_REDIS_URL): {exc}") from None
 
     @property
     def sweep_every(self) -> float:
@@ -228,8 +231,8 @@ class Config:
 
 def _redact(name: str, value: Any) -> Any:
     if name == "redis_url" and isinstance(value, str):
-        # redis://user:password@host -> redis://***@host
-        return re.sub(r"//[^@/]*@", "//***@", value)
+        # redis://user:password@host -> redis://***@host (and ?sentinel_password=***)
+        return redact(value)
     return value
 
 

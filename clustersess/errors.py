@@ -64,3 +64,12 @@ class ReplicationUnavailable(ClusterSessError):
             "Set on_replication_failure='serve' (CLUSTERSESS_ON_REPLICATION_FAILURE) to answer "
             "from memory instead."
         )
+
+
+class SessionUnavailable(ReplicationUnavailable):
+    """A request's session may exist on a member that did not answer (this node is cut
+    off, or the member is reconnecting). With ``on_replication_failure="serve"`` the
+    request gets a fresh session; with ``"refuse"`` it is answered 503."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, None)

@@ -18,7 +18,7 @@ from . import codec, heap, ids, tasks, versions
 from .clock import Clock, SystemClock
 from .config import Config
 from .cookies import KEEP, CookieAction, decide
-from .errors import ReplicationUnavailable, SessionTooLarge, SessionValueError
+from .errors import ReplicationUnavailable, SessionTooLarge, SessionUnavailable, SessionValueError
 from .listeners import DestroyReason, SessionEvent, SessionListener
 from .session import Entry, Session
 from .stats import Stats
@@ -345,7 +345,13 @@ class SessionManager:
             # Not ours (or the client's cookie names another owner): the cluster may hold
             # a newer copy. On a single node, a local copy is the only copy.
             if self.cluster is not None:
-                entry = await self.cluster.acquire(token)
+                try:
+                    entry = await self.cluster.acquire(token)
+                except SessionUnavailable:
+                    if self._refuse:
+                        self.stats.writes_refused += 1
+                        raise
+                    entry = None  # serve: a fresh session (the real one comes back on heal)
             elif entry is None:
                 return None
         if entry is None:

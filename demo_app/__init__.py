@@ -90,7 +90,12 @@ async def delete_session(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    return PlainTextResponse("ok")
+    """Readiness for the load balancer: 503 while this node is fenced (cut off from
+    Redis or from its own heartbeats, lease not held), joining or stopping."""
+    verdict = request.scope["clustersess.manager"].health()
+    if verdict.ok:
+        return PlainTextResponse("ok")
+    return PlainTextResponse(f"{verdict.state}: {verdict.reason}", status_code=503)
 
 
 def _status(request: Request) -> dict[str, Any]:

@@ -81,7 +81,11 @@ def rotate() -> Any:
 
 @app.get("/health")
 def health() -> Any:
-    return "ok", 200, {"Content-Type": "text/plain; charset=utf-8"}
+    """Readiness for the load balancer: 503 while this node is fenced, joining or stopping."""
+    verdict = clustersess.manager.health()
+    status = 200 if verdict.ok else 503
+    text = "ok" if verdict.ok else f"{verdict.state}: {verdict.reason}"
+    return text, status, {"Content-Type": "text/plain; charset=utf-8"}
 
 
 @app.get("/cluster.json")

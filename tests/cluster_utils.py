@@ -70,9 +70,12 @@ def wait_members(nodes: list[NodeProcess], count: int, timeout: float = 10.0) ->
 
 @contextlib.contextmanager
 def cluster(
-    n: int = 3, *, env: dict[str, str] | None = None, redis: RedisServer | None = None, log_level: str = "warning"
+    n: int = 3, *, env: dict[str, str] | None = None, redis: RedisServer | Any = None, log_level: str = "warning"
 ) -> Iterator[tuple[RedisServer, list[NodeProcess]]]:
-    """A real redis-server and ``n`` real demo nodes node1..nodeN, all killed afterwards."""
+    """A real redis-server and ``n`` real demo nodes node1..nodeN, all killed afterwards.
+
+    ``redis`` may be any started deployment with a ``url`` (tests/redis_topologies.py:
+    a Redis Cluster, a Sentinel setup); the caller owns it then."""
     own = redis is None
     server = redis or RedisServer().start()
     nodes: list[NodeProcess] = []

@@ -586,7 +586,11 @@ class World:
     async def request(self, client: Client, kind: str, node: str) -> None:
         manager = self.managers[node]
         old_cookie = client.cookie
-        handle = await manager.open(client.cookie)
+        try:
+            handle = await manager.open(client.cookie)
+        except ReplicationUnavailable:
+            self.note(f"{client.name} {kind} on {node}: 503 (session unavailable)")
+            return
         session = handle.session
         data = dict(session)
         was_new = session.is_new
@@ -767,7 +771,7 @@ class World:
             node: Any = mg.cluster
             if not mg.health().ok or node.pending_replication() or node.ownership.unconfirmed:
                 return False
-            busy = node.ownership._taking or node.ownership._reclaim_due
+            busy = node.ownership._taking or node.ownership._reclaim_due or node.ownership._released
             if busy or len(node.members.live()) != len(self.live()) - 1:
                 return False
         return True

@@ -40,6 +40,7 @@ class Inbox:
         on_back: Callable[[Member], None],
         on_gap: Callable[[str, int], None],
         on_leave: Callable[[Member], None],
+        on_retired_sender: Callable[[str, str], None],
     ) -> None:
         self.ctx = ctx
         self.handlers: dict[m.MsgType, Handler] = {}
@@ -49,6 +50,7 @@ class Inbox:
         self._on_back = on_back
         self._on_gap = on_gap
         self._on_leave = on_leave
+        self._on_retired_sender = on_retired_sender
         #: (src, incarnation, channel) -> highest sequence number seen
         self._last_seq: dict[tuple[str, str, str], int] = {}
         self._pending: dict[tuple[str, str], list[tuple[str, m.Envelope]]] = {}
@@ -135,6 +137,7 @@ class Inbox:
         ident = (env.src, env.inc)
         if ctx.members.is_retired(*ident):
             ctx.stats.messages_dropped_stale += 1
+            self._on_retired_sender(*ident)  # it may not know: tell it (rate-limited)
             return
         refused_at = self._refused.get(ident)
         if refused_at is not None and ctx.mono() - refused_at < REFUSED_RECHECK:

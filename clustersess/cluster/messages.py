@@ -45,6 +45,7 @@ class MsgType(str, enum.Enum):
     OWNED = "owned"  # broadcast: these sessions are mine now at these epochs
     DROP = "drop"  # to a former backup: you no longer back these up
     RESYNC = "resync"  # broadcast: I had a gap; tell me what I may have missed
+    RETIRED = "retired"  # to a node: I retired your incarnation (your sessions were adopted): rejoin
     DIGEST = "digest"  # to a backup: per-bucket hashes of what you should hold of mine
     NEED = "need"  # to an owner: these buckets differ, send them again
     PRUNE = "prune"  # to a backup: in these buckets, these are all my sessions you back up
@@ -433,6 +434,22 @@ class Resync(Body):
         return cls(_num(body.get("since"), "since"))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retired(Body):
+    TYPE: ClassVar[MsgType] = MsgType.RETIRED
+    incarnation: str  # the receiver's incarnation that the sender retired
+
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"inc": self.incarnation}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Retired:
+        inc = _get(body, "inc", str)
+        if not 0 < len(inc) <= 64:
+            raise Malformed("bad incarnation")
+        return cls(inc)
+
+
 def _buckets(body: dict[str, Any], key: str) -> tuple[int, ...]:
     items = _list(body, key, DIGEST_BUCKETS)
     if any(type(b) is not int or not 0 <= b < DIGEST_BUCKETS for b in items):
@@ -490,7 +507,7 @@ BODIES: dict[MsgType, type[Body]] = {
     cls.TYPE: cls
     for cls in (
         Heartbeat, Leave, Replicate, Ack, Accessed, Invalidate, Fetch, FetchReply, Owned, Drop, Resync, Digest,
-        Need, Prune,
+        Need, Prune, Retired,
     )
 }  # fmt: skip
 assert set(BODIES) == set(MsgType), "every message type has exactly one body class"

@@ -131,6 +131,7 @@ class ClusterNode:
             on_back=self._back,
             on_gap=self._gap,
             on_leave=self._left,
+            on_retired_sender=self._tell_retired,
         )
         T = m.MsgType
         for kind, handler in (
@@ -147,6 +148,7 @@ class ClusterNode:
             (T.FETCH, self.ownership.on_fetch),
             (T.FETCH_REPLY, self.ownership.on_fetch_reply),
             (T.OWNED, self.ownership.on_owned),
+            (T.RETIRED, self._on_retired),
         ):
             self.inbox.on(kind, handler)
         self.inbox.check_complete()
@@ -163,6 +165,7 @@ class ClusterNode:
         self._watch_since = float("-inf")
         self._last_traffic = float("-inf")
         self._superseded_by = ""
+        self._told_retired: dict[tuple[str, str], float] = {}
 
     # == lifecycle ============================================================================
     def start_tasks(self, tg: asyncio.TaskGroup) -> None:
@@ -252,11 +255,14 @@ class ClusterNode:
             )
             return "taken"
         self.proof.renewed(sent)
+        rejoined = self.proof.state is State.REJOINING
         if self.proof.state in (State.JOINING, State.REJOINING):
             self.proof.state = State.HEALTHY
             self.proof.reason = ""
         # Admission: others read our claim when they first hear us, so claim first.
         self._beat(hello=True)
+        if rejoined:
+            self.ownership.rejoined()
         return "held"
 
     async def stop(self) -> None:
@@ -398,6 +404,26 @@ class ClusterNode:
         self._spawn(self.ownership.adopt_from(member.name), "clustersess-adoption")
         self.replication.rebalance_soon()
 
+    def _tell_retired(self, name: str, incarnation: str) -> None:
+        """A retired incarnation is still talking (it was cut off, and did not learn that
+        its sessions were adopted, e.g. because Redis lost the marker): tell it."""
+        now = self._mono()
+        key = (name, incarnation)
+        if now - self._told_retired.get(key, float("-inf")) < self.timing.heartbeat * 2:
+            return
+        self._told_retired[key] = now
+        while len(self._told_retired) > 256:
+            del self._told_retired[next(iter(self._told_retired))]
+        if self.ctx.healthy():
+            self.outbox.send(self.ctx.channel(name), m.Retired(incarnation))
+
+    def _on_retired(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Retired)
+        if body.incarnation == self.incarnation and self.proof.state is State.HEALTHY:
+            log.warning("clustersess: %s retired this incarnation (it was presumed dead); rejoining", member.name)
+            self._spawn(self._rejoin(), "clustersess-rejoin")
+
     def _gap(self, src: str, missed: int) -> None:
         self.replication.request_resync(self.timing.drop_time)
 
@@ -498,27 +524,22 @@ class ClusterNode:
         )  # fmt: skip
 
     async def _rejoin(self) -> None:
-        """Our sessions were adopted while we were away: start a new life, and take over
-        again the sessions we wrote meanwhile, so that the newest write wins."""
+        """Our incarnation was retired (its sessions adopted) while we were away: start a
+        new life. We keep what we hold, but only provisionally: we announce it, members
+        that took a session over answer with their newer claim, and we step down there,
+        or take it back where we hold writes they lack (newest write wins)."""
         proof = self.proof
+        if proof.state is State.REJOINING:
+            return
         proof.state = State.REJOINING
         proof.reason = "its sessions were adopted while it was cut off; rejoining"
         proof.lapse()
         self.stats.rejoins += 1
         log.warning("clustersess: this node's sessions were adopted while it was cut off; rejoining")
-        dirty = [t for t in self.outbox.unacknowledged() if t in self.store.owned]
-        for token, entry in list(self.store.owned.items()):
-            del self.store.owned[token]
-            self.store.backups[token] = entry
-        self.ownership.unconfirmed.clear()
         self.incarnation = new_incarnation()
-        self.outbox.new_life(self.incarnation)
-        self.outbox.requeue.clear()
+        self.outbox.new_life(self.incarnation)  # unacknowledged sessions are requeued
         self.replication.request_resync(self._mono() - self._last_traffic + self.timing.drop_time)
-        if await self._claim() != "held":
-            return  # the heartbeat task keeps trying (REJOINING is fenced)
-        for token in dirty:
-            self.ownership.reclaim(token)
+        await self._claim()  # if Redis cannot answer now, the heartbeat task keeps trying
 
     def _suspect(self, now: float) -> None:
         since = self.proof.connected_stretch(now)

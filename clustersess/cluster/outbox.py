@@ -119,7 +119,8 @@ class Outbox:
         self.requeue: dict[str, None] = {}
 
     def new_life(self, incarnation: str) -> None:
-        """A new incarnation: its sequence numbers start again; nothing old is awaited."""
+        """A new incarnation: its sequence numbers start again; what was sent but not
+        acknowledged is requeued (nobody will acknowledge it to the old life)."""
         self.incarnation = incarnation
         self._seq.clear()
         for key in list(self._acks):

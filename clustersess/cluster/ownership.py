@@ -23,9 +23,10 @@ import asyncio
 import dataclasses
 import os
 import random
+from typing import Any
 
 from .. import codec, versions
-from ..errors import ReplicationUnavailable
+from ..errors import ReplicationUnavailable, SessionUnavailable
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
@@ -48,6 +49,13 @@ class _Round:
         return self.expected <= set(self.replies)
 
 
+class _Unavailable:
+    """A takeover's answer when no copy was found and not every member answered."""
+
+
+UNAVAILABLE: Any = _Unavailable()
+
+
 class _Pin:
     """One request waiting for a takeover; the takeover pins the entry it won for it."""
 
@@ -68,12 +76,14 @@ class Ownership:
         #: tokens this node is taking over right now (FETCH out, not yet owned)
         self.contending: set[str] = set()
         #: owned sessions whose takeover did not hear every member: confirm them later
-        self.unconfirmed: dict[str, None] = {}
+        self.unconfirmed: dict[str, str] = {}  # token -> "takeover" | "rejoin"
         #: sessions to take over again to reconcile (writes the current owner may lack)
         self._reclaim_due: dict[str, None] = {}
         self._reclaim_wake = asyncio.Event()
         #: sessions we gave up to a FETCH, at the epoch we held, until a new owner speaks
         self._released: dict[str, int] = {}
+        #: member -> our newer claims to tell it (it announced an older one)
+        self._answers: dict[str, list[tuple[str, int, versions.VV]]] = {}
         #: OWNED announcements waiting to be sent, coalesced
         self._owned_due: list[tuple[str, int, versions.VV]] = []
 
@@ -112,6 +122,8 @@ class Ownership:
         entry = pin.entry
         if entry is not None:
             entry.inflight -= 1  # handed to the caller, which pins it itself
+        elif task.done() and not task.cancelled() and task.result() is UNAVAILABLE:
+            raise SessionUnavailable("no copy of the session was found, and not every member answered")
         return entry
 
     def _unpin(self, token: str, pin: _Pin, *, keep: bool = False) -> None:
@@ -144,7 +156,7 @@ class Ownership:
                 # takeovers of it with "busy", so two nodes never both win one epoch.
                 self.contending.add(token)
                 replies, complete = await self._round(token)
-                if not any(r.busy for r in replies) or ctx.mono() >= give_up:
+                if not any(r.busy for r in replies.values()) or ctx.mono() >= give_up:
                     break
                 # Another node is taking it over at this very moment: step aside (not
                 # busy ourselves meanwhile) and ask again; it will hand it over then.
@@ -161,14 +173,14 @@ class Ownership:
             if self._taking.get(token) is asyncio.current_task():
                 del self._taking[token]
 
-    async def _round(self, token: str) -> tuple[list[m.FetchReply], bool]:
+    async def _round(self, token: str) -> tuple[dict[str, m.FetchReply], bool]:
         """Ask every live member for its copy; (answers heard in time, heard everyone)."""
         ctx = self.ctx
         names = ctx.members.live()
         if not names:
-            return [], ctx.healthy()
+            return {}, ctx.healthy()
         if not ctx.transport.connected:
-            return [], False
+            return {}, False
         req = os.urandom(8).hex()
         rnd = self._rounds[req] = _Round(token, set())
         try:
@@ -191,12 +203,12 @@ class Ownership:
             ctx.warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
         finally:
             del self._rounds[req]
-        return list(rnd.replies.values()), rnd.complete() and not rnd.unheard and ctx.healthy()
+        return rnd.replies, rnd.complete() and not rnd.unheard and ctx.healthy()
 
-    async def _take(self, token: str, replies: list[m.FetchReply], complete: bool) -> Entry | None:
+    async def _take(self, token: str, replies: dict[str, m.FetchReply], complete: bool) -> Entry | None:
         ctx = self.ctx
         now = ctx.wall()
-        if any(r.dead for r in replies) or ctx.store.is_dead(token, now):
+        if any(r.dead for r in replies.values()) or ctx.store.is_dead(token, now):
             ctx.store.bury(token, now + ctx.timing.tombstone_ttl, extend=False)
             return None
         mine = ctx.store.owned.get(token)
@@ -205,7 +217,7 @@ class Ownership:
             for e in (mine, ctx.store.backups.get(token))
             if e is not None and e.version > 0
         ]
-        for r in replies:
+        for r in replies.values():
             if r.state is not None:
                 copy = entry_from(r.state, now)
                 candidates.append(versions.Candidate(copy.vv, copy.epoch, copy.owner, copy.payload, copy))
@@ -214,7 +226,9 @@ class Ownership:
                 self._pin_waiters(token)
                 return mine
             ctx.stats.takeover_misses += 1
-            return None
+            # Nobody we heard has it. If someone did not answer, it may: that is not
+            # "no such session" (a fresh one would hide the real one from its user).
+            return None if complete else UNAVAILABLE
         winner, vv, losers = versions.choose(candidates)
         best: Entry = winner.item
         if now - best.last_accessed > ctx.config.max_inactive and mine is None:
@@ -231,11 +245,22 @@ class Ownership:
         if complete:
             self.unconfirmed.pop(token, None)
         else:
-            self.unconfirmed[token] = None
+            self.unconfirmed[token] = "takeover"
             ctx.stats.takeovers_unconfirmed += 1
         ctx.stats.takeovers += 1
-        await self.replication.replicate(entry)
         self.announce(entry)
+        fut = self.replication.enqueue(entry)
+        if fut is not None:
+            refusal: m.Refusal | None | BaseException = None
+            try:
+                refusal = await asyncio.wait_for(asyncio.shield(fut), ctx.timing.ack_timeout)
+            except Exception as exc:  # noqa: BLE001 -- timeouts and refusals: counted, requeued by the outbox
+                refusal = exc
+            if refusal is None:
+                # Its backup has it: the copies that were merged into it may go.
+                for name, r in replies.items():
+                    if r.state is not None and name != entry.backup:
+                        self.replication.drop_later(name, token, entry.epoch - 1)
         return entry
 
     def _conflict(self, entry: Entry, losers: list[versions.Candidate]) -> None:
@@ -275,6 +300,30 @@ class Ownership:
         if len(self._owned_due) == 1:
             asyncio.get_running_loop().call_soon(self._send_owned)
 
+    def _send_answers(self) -> None:
+        answers, self._answers = self._answers, {}
+        for name, items in answers.items():
+            for i in range(0, len(items), ITEMS_PER_MESSAGE):
+                self.ctx.outbox.send(self.ctx.channel(name), m.Owned(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+
+    def rejoined(self) -> None:
+        """We rejoined as a new incarnation: announce every session we hold, provisional
+        until the cluster had time to answer (a member that owns one at a newer epoch
+        answers with its claim, and we step down or reconcile)."""
+        ctx = self.ctx
+        for entry in list(ctx.store.owned.values()):
+            self.unconfirmed.setdefault(entry.token, "rejoin")
+            self.announce(entry)
+        asyncio.get_running_loop().call_later(2 * ctx.timing.takeover_round, self._confirm_rejoined)
+
+    def _confirm_rejoined(self) -> None:
+        if not self.ctx.healthy():
+            asyncio.get_running_loop().call_later(self.ctx.timing.takeover_round, self._confirm_rejoined)
+            return
+        for token, why in list(self.unconfirmed.items()):
+            if why == "rejoin":
+                del self.unconfirmed[token]
+
     def _send_owned(self) -> None:
         due, self._owned_due = self._owned_due, []
         for i in range(0, len(due), ITEMS_PER_MESSAGE):
@@ -300,11 +349,11 @@ class Ownership:
             if not ctx.healthy():
                 continue
             due, self._reclaim_due = self._reclaim_due, {}
-            for token in list(self.unconfirmed):
-                if token in ctx.store.owned:
-                    due[token] = None
-                else:
+            for token, why in list(self.unconfirmed.items()):
+                if token not in ctx.store.owned:
                     del self.unconfirmed[token]
+                elif why == "takeover":
+                    due[token] = None
             for token in due:
                 if ctx.store.is_dead(token, ctx.wall()):
                     continue
@@ -388,7 +437,12 @@ class Ownership:
             mine = store.owned.get(token)
             if mine is not None:
                 if mine.epoch > epoch or (mine.epoch == epoch and ctx.name < member.name):
-                    continue  # ours is the newer claim (or wins the tie); it will tell them
+                    # Ours is the newer claim (or wins the tie): tell the claimant, which
+                    # steps down (a node rejoining after a cut-off announces what it held).
+                    self._answers.setdefault(member.name, []).append((token, mine.epoch, mine.vv))
+                    if len(self._answers) == 1 and len(self._answers[member.name]) == 1:
+                        asyncio.get_running_loop().call_soon(self._send_answers)
+                    continue
                 if token in self.contending:
                     continue  # our own takeover decides
                 del store.owned[token]
@@ -401,10 +455,9 @@ class Ownership:
             copy = store.backups.get(token)
             if copy is None or copy.epoch >= epoch:
                 continue
-            if versions.dominates(vv, copy.vv):
-                if copy.owner != member.name:
-                    del store.backups[token]  # superseded; the new owner's backup has it
-            else:
+            # A copy the new owner's data dominates stays until the owner says its backup
+            # has the session (DROP): the announcement alone proves nothing was copied.
+            if not versions.dominates(vv, copy.vv):
                 self.reclaim(token)  # an acknowledged write the new owner lacks
 
     # == adoption and hand-off =================================================================

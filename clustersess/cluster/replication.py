@@ -81,7 +81,7 @@ class Replication:
         #: set by the node: make a handed-over copy ours
         self.take_handoff: Callable[[Entry, Member], None] = lambda entry, member: None
         #: set by the node: owned sessions whose takeover has not heard every member
-        self.unconfirmed: dict[str, None] = {}
+        self.unconfirmed: dict[str, str] = {}
         #: acknowledgements of logouts not yet received; changed only in place (the
         #: manager looks at this very list on every request)
         self.unsettled: list[asyncio.Future[Any]] = []
@@ -138,8 +138,12 @@ class Replication:
         (sync mode: the backup applied it while this node was healthy)."""
         ctx = self.ctx
         if not ctx.healthy():
-            # Fenced: claim nothing. The write is kept here and sent once we are back.
-            ctx.outbox.requeue[entry.token] = None
+            # Fenced: claim nothing, but send what can be sent (the link may still work,
+            # e.g. while Redis refuses writes): a copy elsewhere beats none. What fails
+            # is requeued and sent again once we are back.
+            fut = self.enqueue(entry)
+            if fut is not None:
+                fut.add_done_callback(consume)
             return False
         confirmed = entry.token not in self.unconfirmed  # else: replicate, but claim nothing
         sync = ctx.config.replication == "sync"
@@ -211,6 +215,10 @@ class Replication:
                 fut = self.enqueue(entry)
                 if fut is not None:
                     fut.add_done_callback(consume)
+
+    def drop_later(self, holder: str, token: str, epoch: int) -> None:
+        """Tell ``holder`` (with the next batch) to drop its copy of ``token`` up to ``epoch``."""
+        self._drops.setdefault(holder, []).append((token, epoch))
 
     def send_drops(self) -> None:
         ctx = self.ctx
@@ -447,8 +455,11 @@ class Replication:
         assert isinstance(body, m.Drop)
         backups = self.ctx.store.backups
         for token, epoch in body.items:
+            # From the owner of a newer epoch: after a rebalance (we were its backup), or
+            # after a takeover that merged our copy (we answered its FETCH). Its backup
+            # has acknowledged what replaces our copy.
             copy = backups.get(token)
-            if copy is not None and copy.owner == member.name and copy.epoch <= epoch:
+            if copy is not None and copy.epoch <= epoch:
                 del backups[token]
 
     # == resync ===============================================================================

@@ -6,6 +6,19 @@ reports the re-subscribe (``on_connect``) so the node can treat it as a gap. Pub
 goes through ``publish`` with a batch, pipelined in one round trip; it returns how many
 subscribers received each message (0 means nobody is listening on that channel).
 The in-memory stand-in for unit tests and the fault simulator is :mod:`.memory`.
+
+:class:`RedisTransport` speaks to Redis as it is deployed, chosen from the URL and, for
+``redis://``, from ``INFO cluster`` at connect time (the registry :data:`TOPOLOGIES`):
+one server (:mod:`.redis_single`), a Sentinel-watched primary (:mod:`.redis_sentinel`) or
+a Redis Cluster with sharded pub/sub (:mod:`.redis_cluster`). The interface and its
+semantics are the same in every mode; docs/redis.md says what each failover looks like.
+
+A watchdog guards every subscription connection: when nothing has been read from one for
+``probe_interval`` seconds it sends a PING, and when nothing has come back after twice
+that, the connection is taken for dead (a NAT or firewall dropped it without a FIN or RST)
+and the subscription starts over, which is a gap like any reconnect (a stall of this
+process, seen as a late watchdog tick, restarts the bound instead). ``reset()`` does the
+same on request. TCP keepalive is on, tight, on every connection.
 """
 
 from __future__ import annotations
@@ -13,63 +26,37 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.backoff import ExponentialWithJitterBackoff
+
+from ..redis_url import RedisTarget, parse_redis_url
+from .redis_base import ADOPT, CLAIM, REDIS_ERRORS, REFRESH, RELEASE, Feed, Options, Script, Topology
+from .redis_cluster import ClusterRedis
+from .redis_sentinel import SentinelRedis
+from .redis_single import SingleRedis
 
 log = logging.getLogger("clustersess.transport")
 
 OnMessage = Callable[[str, bytes], None]
 OnConnect = Callable[[bool], Awaitable[None]]  # argument: True on the first connect
 
-# Atomically take or refresh a name claim; returns the holder's value.
-_CLAIM_LUA = """
-local v = redis.call('GET', KEYS[1])
-if (not v) or v == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return ARGV[1]
-end
-return v
-"""
-
-# The lease: refresh the claim KEYS[1] held by ARGV[1] for ARGV[2] ms. KEYS[2] is the
-# marker another node sets when it adopts this incarnation's sessions (see _ADOPT_LUA).
-# Answers "held" (still ours, refreshed), "adopted" (someone took our sessions over: we
-# were presumed dead), "lapsed" (expired, nobody adopted: taken again) or "taken:<v>".
-_REFRESH_LUA = """
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 'held'
-end
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return 'adopted'
-end
-if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 'lapsed'
-end
-return 'taken:' .. v
-"""
-
-# Adopt the sessions of the incarnation ARGV[1], whose claim is KEYS[1]: allowed only once
-# its claim has lapsed (or passed to a newer life), and then recorded in KEYS[2] for
-# ARGV[2] ms so that the incarnation, should it come back, learns it was replaced.
-_ADOPT_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return 0
-end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
-return 1
-"""
+#: how each deployment is reached, by the name :func:`detect` answers
+TOPOLOGIES: dict[str, Callable[[RedisTarget, Options], Topology]] = {
+    "single": SingleRedis,
+    "sentinel": SentinelRedis,
+    "cluster": ClusterRedis,
+}
 
 
 class TransportError(ConnectionError):
     """The transport is down or refused the call; the caller serves from memory and retries.
 
-    ``kind`` says why: ``"connection"`` (no connection, or it broke), ``"timeout"``,
-    ``"readonly"`` (a replica or a demoted primary), ``"oom"`` (``maxmemory`` reached),
-    ``"noperm"`` (an ACL forbids it) or ``"error"`` (any other error reply).
+    ``kind`` says why: ``"connection"`` (no connection, or it broke; also a Redis Cluster
+    slot without a primary and a Sentinel that names none, both mid-failover),
+    ``"timeout"``, ``"readonly"`` (a replica or a demoted primary, still so after finding
+    the primary again), ``"oom"`` (``maxmemory`` reached), ``"noperm"`` (an ACL forbids
+    it) or ``"error"`` (any other error reply).
     """
 
     def __init__(self, message: str, kind: str = "connection") -> None:
@@ -81,15 +68,16 @@ def error_kind(exc: BaseException) -> str:
     """The :attr:`TransportError.kind` for a redis-py exception."""
     import redis.exceptions as rexc
 
+    text = str(exc)
+    if isinstance(exc, rexc.ReadOnlyError) or text.startswith("READONLY") or "previous master is now a slave" in text:
+        return "readonly"  # the last: redis-py's Sentinel connection turns READONLY into that
     if isinstance(exc, rexc.TimeoutError):
         return "timeout"
-    if isinstance(exc, (rexc.ConnectionError, OSError)):
+    if isinstance(exc, (rexc.ConnectionError, OSError, rexc.ClusterDownError, rexc.RedisClusterException)):
         return "connection"
-    if isinstance(exc, rexc.ReadOnlyError) or str(exc).startswith("READONLY"):
-        return "readonly"
-    if isinstance(exc, rexc.OutOfMemoryError) or str(exc).startswith("OOM"):
+    if isinstance(exc, rexc.OutOfMemoryError) or text.startswith("OOM"):
         return "oom"
-    if isinstance(exc, rexc.NoPermissionError) or str(exc).startswith("NOPERM"):
+    if isinstance(exc, rexc.NoPermissionError) or text.startswith("NOPERM"):
         return "noperm"
     return "error"
 
@@ -137,147 +125,372 @@ class Transport(Protocol):
         ...
 
     def reset(self) -> None:
-        """Drop the subscription connection and reconnect now (the node's own broadcasts
-        stopped coming back: a silently dead connection); ``on_connect(False)`` follows."""
+        """Drop the subscription connection(s) and reconnect now; ``run`` then calls
+        ``on_connect(False)`` as after any reconnect. For a node whose own broadcasts
+        stopped coming back."""
         ...
 
     async def close(self) -> None: ...
 
 
+class _Lost(Exception):
+    """The subscription has to start over (the message says why)."""
+
+
+#: what ends one life of the subscription (and is then retried)
+_SUBSCRIPTION_ERRORS: tuple[type[Exception], ...] = (_Lost, TimeoutError, *REDIS_ERRORS)
+#: what fails opening one
+_OPEN_ERRORS: tuple[type[Exception], ...] = (TransportError, ValueError, *_SUBSCRIPTION_ERRORS)
+_CONNECT_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *REDIS_ERRORS)
+
+
+async def detect(target: RedisTarget, options: Options) -> str:
+    """Which :data:`TOPOLOGIES` entry serves ``target``: ``"sentinel"`` from the URL,
+    else ``"cluster"`` if the server says ``cluster_enabled:1``, else ``"single"``."""
+    import redis.asyncio as aioredis
+    import redis.exceptions as rexc
+
+    if target.sentinel:
+        return "sentinel"
+    # Database 0 for the probe: a Redis Cluster refuses SELECT, and then says nothing else.
+    kw = {**target.connection_kwargs(), **options.client_kwargs(), "db": 0}
+    if target.scheme == "unix":
+        probe = aioredis.Redis(unix_socket_path=target.path, **kw)
+    else:
+        host, port = target.hosts[0]
+        probe = aioredis.Redis(host=host, port=port, **kw)
+    try:
+        try:
+            info = await probe.info("cluster")
+            return "cluster" if int(info.get("cluster_enabled", 0)) else "single"
+        except rexc.ResponseError:
+            # INFO may be forbidden to the application's ACL user; CLUSTER INFO tells too.
+            try:
+                await probe.execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call]
+            except rexc.ResponseError as exc:
+                if "cluster support disabled" in str(exc):
+                    return "single"
+                raise
+            return "cluster"
+    finally:
+        await probe.aclose()
+
+
 class RedisTransport:
-    """Redis pub/sub with one subscriber connection and one pipelined publisher."""
+    """Redis pub/sub for one node: a single Redis, Sentinel or a Redis Cluster.
+
+    Arguments:
+        url: a URL as :func:`clustersess.redis_url.parse_redis_url` accepts it.
+        connect_timeout: TCP/TLS connect timeout, seconds.
+        op_timeout: longest wait for one command's reply.
+        backoff_cap: longest wait between two reconnect attempts.
+        probe_interval: PING a subscription connection silent this long; one silent for
+            twice this long is dead. A silently dropped connection is so noticed within
+            ``2 * probe_interval`` plus a quarter of it (the watchdog's tick).
+
+    Raises:
+        ValueError: ``url`` is not a valid Redis URL (:class:`~clustersess.Config` has
+            checked it already when it came from there).
+    """
 
     def __init__(
-        self, url: str, *, connect_timeout: float = 1.0, op_timeout: float = 2.0, backoff_cap: float = 2.0
+        self,
+        url: str,
+        *,
+        connect_timeout: float = 1.0,
+        op_timeout: float = 2.0,
+        backoff_cap: float = 2.0,
+        probe_interval: float = 1.0,
     ) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
         self.connected = False
-        self._url = url
-        # No hidden retries: a failed call surfaces at once, and the node decides.
-        common = {
-            "socket_connect_timeout": connect_timeout,
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 0,
-        }
-        self._pub = aioredis.Redis.from_url(url, socket_timeout=op_timeout, **common)  # type: ignore[arg-type]
-        self._sub = aioredis.Redis.from_url(url, socket_timeout=None, **common)  # type: ignore[arg-type]
+        #: ``"single"``, ``"sentinel"`` or ``"cluster"`` once known (at the first connect)
+        self.mode: str | None = None
+        self._target = parse_redis_url(url)
+        self._options = Options(connect_timeout=connect_timeout, op_timeout=op_timeout)
+        self._probe = probe_interval
         self._backoff = ExponentialWithJitterBackoff(cap=backoff_cap, base=0.05)
-        self._reset = False
-        self._claim = self._pub.register_script(_CLAIM_LUA)
-        self._refresh = self._pub.register_script(_REFRESH_LUA)
-        self._adopt = self._pub.register_script(_ADOPT_LUA)
+        self._topology: Topology | None = None
+        self._lock = asyncio.Lock()
+        self._reset = asyncio.Event()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._recovered_at = -1e9
+        self._misconfigured: str | None = None
+        self._closed = False
 
+    # -- the subscription ----------------------------------------------------------------
     async def run(self, channels: list[str], on_message: OnMessage, on_connect: OnConnect) -> None:
-        import redis.exceptions as rexc
-
         failures = 0
         first = True
-        while True:
-            pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
+        while not self._closed:
+            self._reset.clear()
             try:
-                await pubsub.subscribe(*channels)
-                self.connected = True
-                if failures:
-                    log.warning("clustersess: reconnected to Redis after %d failed attempt(s)", failures)
-                failures = 0
-                await on_connect(first)
-                first = False
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-                    if self._reset:
-                        self._reset = False
-                        raise rexc.ConnectionError("reset: own messages stopped arriving")
-                    if msg is None or msg.get("type") != "message":
-                        continue
-                    channel = msg["channel"]
-                    on_message(channel.decode() if isinstance(channel, bytes) else channel, msg["data"])
-            except asyncio.CancelledError:
-                raise
-            except (rexc.RedisError, OSError) as exc:
-                # An error reply (ACL NOPERM on SUBSCRIBE, say) is as fatal to this
-                # subscription as a broken connection: retry with backoff either way.
-                if self.connected or failures == 0:
-                    log.warning(
-                        "clustersess: Redis subscription lost (%s, %s); serving from memory",
-                        type(exc).__name__, error_kind(exc),
-                    )
-                self.connected = False
-                failures += 1
-            finally:
-                self.connected = False
+                topology = await self._topo()
+                async with asyncio.timeout(self._options.op_timeout + self._options.connect_timeout):
+                    feeds = await topology.feeds(channels)
+            except _OPEN_ERRORS as exc:
+                failures = self._lost(failures, exc)
+            else:
                 try:
-                    # Bounded: a broken connection must not hold up reconnecting or stopping.
-                    await asyncio.wait_for(asyncio.shield(pubsub.aclose()), 1.0)  # type: ignore[no-untyped-call]
-                except Exception:  # noqa: BLE001, S110 -- the connection is already broken
-                    pass
-            await asyncio.sleep(self._backoff.compute(failures))
+                    await self._serve(topology, feeds, on_message, on_connect, first)
+                except _SUBSCRIPTION_ERRORS as exc:
+                    # An error reply (ACL NOPERM on SUBSCRIBE, say) is as fatal to this
+                    # subscription as a broken connection: retry with backoff either way.
+                    was_up = self.connected
+                    failures = 0 if was_up else failures
+                    failures = self._lost(failures, exc)
+                    first = first and not was_up
+                finally:
+                    self.connected = False
+                    await _close_all(feeds)
+                if self._reset.is_set():
+                    failures = 0  # asked to reconnect now: no backoff for the first try
+                    continue
+            # Wait out the backoff, unless someone asks us to reconnect right now.
+            await self._pause(self._backoff.compute(failures))
+        await asyncio.get_running_loop().create_future()  # closed: wait to be cancelled
+
+    def _lost(self, failures: int, exc: BaseException) -> int:
+        _reraise_cancel()
+        if failures == 0:
+            why = str(exc) if isinstance(exc, _Lost) else f"{type(exc).__name__}, {error_kind(exc)}"
+            log.warning("clustersess: Redis subscription lost (%s); serving from memory", why)
+        return failures + 1
+
+    async def _serve(
+        self, topology: Topology, feeds: list[Feed], on_message: OnMessage, on_connect: OnConnect, first: bool
+    ) -> None:
+        early: list[tuple[str, bytes]] = []
+        async with asyncio.timeout(self._options.op_timeout + self._options.connect_timeout):
+            for feed in feeds:
+                await self._subscribe(feed, early)
+        self.connected = True
+        if not first:
+            log.warning("clustersess: Redis subscription back (%s)", ", ".join(f.where for f in feeds))
+        await on_connect(first)
+        for channel, data in early:
+            on_message(channel, data)
+        # A reader per feed and the watchdog, owned here; they only ever end by raising.
+        # Not a TaskGroup: in Python 3.11 a child failing while the group is exiting leaves
+        # this task marked as being cancelled, and _reraise_cancel() must trust that mark.
+        tasks = [asyncio.create_task(self._read(f, on_message), name=f"clustersess-redis-{f.where}") for f in feeds]
+        tasks.append(asyncio.create_task(self._watch(topology, feeds), name="clustersess-redis-watchdog"))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        errors = [t.exception() for t in done if not t.cancelled()]
+        raise next((e for e in errors if e is not None), _Lost("a subscription task ended"))
+
+    async def _subscribe(self, feed: Feed, early: list[tuple[str, bytes]]) -> None:
+        """Subscribe and wait for Redis to confirm every channel, so that what the node
+        publishes in ``on_connect`` is published to a subscription that exists."""
+        await feed.subscribe()
+        pending = set(feed.channels)
+        while pending:
+            msg = await feed.pubsub.get_message(timeout=self._options.op_timeout)
+            if msg is None:
+                raise _Lost(f"Redis at {feed.where} did not confirm the subscription")
+            kind, channel = msg["type"], _text(msg.get("channel"))
+            if kind in ("subscribe", "ssubscribe"):
+                pending.discard(channel)
+            elif kind in ("message", "smessage"):
+                early.append((channel, msg["data"]))
+        feed.last_heard = asyncio.get_running_loop().time()
+
+    async def _read(self, feed: Feed, on_message: OnMessage) -> None:
+        loop = asyncio.get_running_loop()
+        pubsub = feed.pubsub
+        while True:
+            msg = await pubsub.get_message(timeout=None)
+            feed.last_heard = loop.time()
+            feed.pinged = False
+            if msg is None:
+                continue
+            kind = msg["type"]
+            if kind == "message" or kind == "smessage":
+                on_message(_text(msg["channel"]), msg["data"])
+            elif kind in ("unsubscribe", "sunsubscribe"):
+                # We never unsubscribe: Redis ended it (the channel's slot moved to
+                # another shard, or this node stopped being a primary).
+                raise _Lost(f"Redis at {feed.where} ended the subscription to {_text(msg['channel'])}")
+            elif kind in ("subscribe", "ssubscribe"):
+                raise _Lost(f"the connection to {feed.where} was re-established behind our back")
+            # "pong": a sign of life, nothing more
+
+    async def _watch(self, topology: Topology, feeds: list[Feed]) -> None:
+        loop = asyncio.get_running_loop()
+        tick = self._probe / 4
+        last_tick = loop.time()
+        while True:
+            await self._pause(tick)
+            if self._reset.is_set():
+                raise _Lost("reset requested")
+            now = loop.time()
+            if now - last_tick > tick + self._probe:
+                # We were the silent ones (a blocked loop, a GC pause, SIGSTOP): what Redis
+                # sent meanwhile is still unread in the socket. Not evidence against the
+                # connection; give it a fresh bound.
+                for feed in feeds:
+                    feed.last_heard, feed.pinged = now, False
+            last_tick = now
+            for feed in feeds:
+                silent = now - feed.last_heard
+                if silent >= 2 * self._probe:
+                    raise _Lost(f"nothing from Redis at {feed.where} for {silent:.1f}s, not even a PONG")
+                if silent >= self._probe and not feed.pinged:
+                    feed.pinged = True
+                    async with asyncio.timeout(self._probe):
+                        await feed.pubsub.ping()
+            reason = await topology.verify(feeds)
+            _reraise_cancel()
+            if reason is not None:
+                raise _Lost(reason)
 
     def reset(self) -> None:
-        self._reset = True
+        """Drop the subscription connection(s) and reconnect now (see :class:`Transport`)."""
+        self._reset.set()
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or until :meth:`reset`. Not ``asyncio.timeout`` around
+        an event: in Python 3.11 a cancellation that lands as the timeout fires is
+        swallowed, and this runs in loops that must stop when cancelled."""
+        if self._reset.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        wakeup: asyncio.Future[None] = loop.create_future()
+        self._wakeup = wakeup
+        timer = loop.call_later(delay, _wake, wakeup)
+        try:
+            await wakeup
+        finally:
+            timer.cancel()
+            self._wakeup = None
+
+    # -- calls ---------------------------------------------------------------------------
+    async def _topo(self) -> Topology:
+        topology = self._topology
+        if topology is not None:
+            return topology
+        async with self._lock:
+            if self._closed:
+                raise TransportError("the transport is closed", "connection")
+            if self._topology is None:
+                try:
+                    async with asyncio.timeout(self._options.op_timeout + self._options.connect_timeout):
+                        mode = await detect(self._target, self._options)
+                    self._topology = TOPOLOGIES[mode](self._target, self._options)
+                except ValueError as exc:
+                    # A setting to fix (a unix:// URL or a database number on a Redis
+                    # Cluster): said loudly once, and every call fails until it is fixed.
+                    if self._misconfigured != str(exc):
+                        self._misconfigured = str(exc)
+                        log.error("clustersess: %s", exc)
+                    raise TransportError(str(exc), "error") from None
+                except _CONNECT_ERRORS as exc:
+                    raise _wrap("connect", exc) from None
+                self.mode = mode
+                log.info("clustersess: Redis at %s is %s", self._target.describe(), _MODES[mode])
+            return self._topology
+
+    async def _call(self, what: str, op: Callable[[Topology], Awaitable[Any]]) -> Any:
+        topology = await self._topo()
+        try:
+            return await op(topology)
+        except REDIS_ERRORS as exc:
+            if error_kind(exc) != "readonly":
+                raise _wrap(what, exc) from None
+        # A failover demoted the server we were talking to: find the primary again (and
+        # move the subscription there too), then try once more. At most once a second: a
+        # URL that names a replica for good must not churn connections on every call.
+        now = asyncio.get_running_loop().time()
+        if now - self._recovered_at < 1.0:
+            raise TransportError(f"Redis {what} failed: READONLY again right after finding the primary", "readonly")
+        self._recovered_at = now
+        log.warning("clustersess: Redis answered READONLY to %s: the primary moved; finding it again", what)
+        await topology.recover()
+        self.reset()
+        try:
+            return await op(topology)
+        except REDIS_ERRORS as exc:
+            raise _wrap(what, exc) from None
 
     async def publish(self, items: list[tuple[str, bytes]]) -> list[int]:
-        import redis.exceptions as rexc
+        return await self._call("publish", lambda t: t.publish(items))  # type: ignore[no-any-return]
 
-        try:
-            async with self._pub.pipeline(transaction=False) as pipe:
-                for channel, data in items:
-                    pipe.publish(channel, data)
-                return [int(n) for n in await pipe.execute()]
-        except (rexc.RedisError, OSError) as exc:
-            raise _wrap("publish", exc) from None
+    async def _script(self, what: str, script: Script, keys: list[str], args: list[Any]) -> Any:
+        return await self._call(what, lambda t: _run(t, script, keys, args))
 
     async def claim(self, key: str, value: str, ttl: float) -> str:
-        import redis.exceptions as rexc
-
-        try:
-            holder = await self._claim(keys=[key], args=[value, _ms(ttl)])
-        except (rexc.RedisError, OSError) as exc:
-            raise _wrap("claim", exc) from None
-        return _text(holder)
+        return _text(await self._script("claim", CLAIM, [key], [value, _ms(ttl)]))
 
     async def refresh(self, key: str, value: str, ttl: float, adopted_key: str) -> str:
-        import redis.exceptions as rexc
-
-        try:
-            return _text(await self._refresh(keys=[key, adopted_key], args=[value, _ms(ttl)]))
-        except (rexc.RedisError, OSError) as exc:
-            raise _wrap("lease refresh", exc) from None
+        return _text(await self._script("lease refresh", REFRESH, [key, adopted_key], [value, _ms(ttl)]))
 
     async def adopt(self, key: str, value: str, adopted_key: str, marker_ttl: float) -> bool:
-        import redis.exceptions as rexc
-
-        try:
-            return bool(await self._adopt(keys=[key, adopted_key], args=[value, _ms(marker_ttl)]))
-        except (rexc.RedisError, OSError) as exc:
-            raise _wrap("adoption", exc) from None
+        return bool(await self._script("adoption", ADOPT, [key, adopted_key], [value, _ms(marker_ttl)]))
 
     async def get(self, key: str) -> str | None:
-        import redis.exceptions as rexc
-
-        try:
-            value = await self._pub.get(key)
-        except (rexc.RedisError, OSError) as exc:
-            raise _wrap("GET", exc) from None
+        value = await self._call("GET", lambda t: t.client.get(key))
         return None if value is None else _text(value)
 
     async def release(self, key: str, value: str) -> None:
-        import redis.exceptions as rexc
-
         try:
-            if await self._pub.get(key) == value.encode():
-                await self._pub.delete(key)
-        except (rexc.RedisError, OSError):
-            pass
+            await self._script("release", RELEASE, [key], [value])
+        except TransportError as exc:
+            # The claim then lapses by itself after its TTL (one drop time).
+            log.warning("clustersess: could not release the node name claim (%s); it expires by itself", exc)
 
     async def close(self) -> None:
-        for client in (self._pub, self._sub):
+        self._closed = True
+        topology, self._topology = self._topology, None
+        if topology is not None:
             try:
-                await client.aclose()
-            except Exception:  # noqa: BLE001, S110 -- closing what may already be broken
-                pass
+                await topology.aclose()
+            except Exception:  # closing broken connections; nothing left to save
+                log.debug("clustersess: error while closing Redis clients", exc_info=True)
+
+
+_MODES = {
+    "single": "a single Redis (PUBLISH/SUBSCRIBE)",
+    "sentinel": "a Sentinel-watched primary (PUBLISH/SUBSCRIBE on the primary)",
+    "cluster": "a Redis Cluster (sharded pub/sub: SPUBLISH/SSUBSCRIBE)",
+}
+
+
+async def _run(topology: Topology, script: Script, keys: list[str], args: list[Any]) -> Any:
+    if isinstance(topology, ClusterRedis):
+        assert topology.same_slot(keys), (
+            f"keys {keys} are in different Redis Cluster slots; give them a common {{hash tag}}"
+        )
+    return await script(topology.client, keys, args)
+
+
+async def _close_all(feeds: list[Feed]) -> None:
+    for feed in feeds:
+        try:
+            # Bounded: a broken connection must not hold up reconnecting or stopping.
+            async with asyncio.timeout(1.0):
+                await asyncio.shield(feed.aclose())
+        except Exception:  # the connection is already broken
+            _reraise_cancel()
+            log.debug("clustersess: error while closing a subscription", exc_info=True)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _reraise_cancel() -> None:
+    """Re-raise a cancellation that an ``asyncio.timeout`` turned into TimeoutError (it
+    does when both happen in one loop iteration, in Python 3.11)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _ms(seconds: float) -> int:
