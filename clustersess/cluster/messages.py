@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from typing import Any, ClassVar
 
 import orjson
@@ -87,7 +88,10 @@ def _int(body: dict[str, Any], key: str, low: int = 0) -> int:
 def _num(value: Any, what: str) -> float:
     if type(value) not in (int, float):
         raise Malformed(f"{what} must be a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float (stdlib json parses 1e400 digits)
+        raise Malformed(f"{what} is out of range") from None
     if not math.isfinite(number) or number < 0:
         raise Malformed(f"{what} must be a finite number >= 0")
     return number
@@ -376,11 +380,16 @@ class FetchReply(Body):
 
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> FetchReply:
+        request = _get(body, "req", str)
+        if len(request) > 64:
+            raise Malformed("request id too long")
+        token = _token(body.get("k"))
         raw = body.get("s")
         state = None if raw is None else SessionState.from_json(raw, blobs)
-        return cls(
-            _get(body, "req", str), _token(body.get("k")), state, _get(body, "dead", bool), _get(body, "busy", bool)
-        )
+        if state is not None and state.token != token:
+            # the taker matches replies by (request, token) and promotes the state it gets
+            raise Malformed("a fetch reply carries the state of the session it names")
+        return cls(request, token, state, _get(body, "dead", bool), _get(body, "busy", bool))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -450,6 +459,11 @@ class Retired(Body):
         return cls(inc)
 
 
+#: what Digest.to_json writes; int(h, 16) alone also takes "-", "+", "0x", "_", spaces
+#: and non-ASCII digits, so a negative or non-canonical "hash" would pass
+_HEX64 = re.compile("[0-9a-f]{16}")
+
+
 def _buckets(body: dict[str, Any], key: str) -> tuple[int, ...]:
     items = _list(body, key, DIGEST_BUCKETS)
     if any(type(b) is not int or not 0 <= b < DIGEST_BUCKETS for b in items):
@@ -468,12 +482,9 @@ class Digest(Body):
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Digest:
         items = _list(body, "h", DIGEST_BUCKETS)
-        if len(items) != DIGEST_BUCKETS or not all(isinstance(h, str) and len(h) == 16 for h in items):
+        if len(items) != DIGEST_BUCKETS or not all(isinstance(h, str) and _HEX64.fullmatch(h) for h in items):
             raise Malformed("a digest has one 16-digit hex value per bucket")
-        try:
-            return cls(tuple(int(h, 16) for h in items))
-        except ValueError:
-            raise Malformed("a digest value is not hex") from None
+        return cls(tuple(int(h, 16) for h in items))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -161,7 +161,6 @@ class ClusterNode:
         self._loose: set[asyncio.Task[Any]] = set()
         self._connected = asyncio.Event()
         self._heartbeat_seqs: dict[int, None] = {}
-        self._twin_seen = False
         self._watch_since = float("-inf")
         self._last_traffic = float("-inf")
         self._superseded_by = ""
@@ -222,19 +221,16 @@ class ClusterNode:
         # The claim waits out a previous life of this node (it expires one lease after
         # its last renewal) and refuses a live namesake.
         deadline = self._mono() + self.timing.lease_ttl + self.timing.heartbeat
+        # The claim in Redis decides: a live namesake keeps renewing it, a previous life
+        # lets it lapse. (Another incarnation's heartbeats with our name are not proof:
+        # an outsider can replay a previous life's. A namesake that stalled past its
+        # lease and comes back finds the claim taken and fences itself for good.)
         while (answer := await self._claim()) != "held":
             if answer == "error":
                 return  # Redis cannot take the claim now: the heartbeat task joins later
-            if self._mono() > deadline or self._twin_seen:
+            if self._mono() > deadline:
                 raise duplicate
             await asyncio.sleep(self.timing.heartbeat)
-        # A namesake that stalled past its claim's expiry still sends heartbeats: listen
-        # for two intervals before declaring ourselves in.
-        await asyncio.sleep(2 * self.timing.heartbeat)
-        if self._twin_seen:
-            await self.transport.release(self.ctx.claim_key(self.name), self.incarnation)
-            self.proof.state = State.SUPERSEDED
-            raise duplicate
         log.info(
             "clustersess: node %s joined cluster %s (incarnation %s, %s replication)",
             self.name, self.config.cluster_name, self.incarnation, self.config.replication,
@@ -379,7 +375,6 @@ class ClusterNode:
         self._watch_since = now
 
     def _twin(self, incarnation: str) -> None:
-        self._twin_seen = True
         self.ctx.warn.warning(
             "dup", "clustersess: another node also calls itself %s; rename one (CLUSTERSESS_NODE)", self.name
         )

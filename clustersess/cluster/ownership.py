@@ -235,9 +235,12 @@ class Ownership:
             ctx.stats.takeover_misses += 1
             return None  # expired everywhere: no copy may come back
         epoch = max(c.epoch for c in candidates)
-        if best is mine and epoch == mine.epoch and not losers and complete and token not in self.unconfirmed:
+        if best is mine and epoch == mine.epoch and not losers and complete:
+            # Already ours, and nobody holds anything newer (a re-confirmation, or a
+            # client whose cookie named a former owner): nothing moves.
+            self.unconfirmed.pop(token, None)
             self._pin_waiters(token)
-            return mine  # already ours, and nobody holds anything newer
+            return mine
         entry = self.promote(best, epoch + 1, vv)
         self._pin_waiters(token)  # before the first await: nobody may take it back meanwhile
         if losers:

@@ -79,10 +79,10 @@ class Codec:
         """The envelope of ``raw`` as received on ``channel``; raises :class:`WireError`."""
         if not isinstance(raw, (bytes, bytearray)):
             raise BadMessage("not bytes")
-        if len(raw) > MAX_MESSAGE:
-            raise Oversize(f"{len(raw)} bytes")
         if len(raw) < _PREFIX or raw[: len(MAGIC)] != MAGIC:
             raise BadMessage("not a clustersess frame")
+        if len(raw) > MAX_MESSAGE:
+            raise Oversize(f"{len(raw)} bytes")
         (hlen,) = _HLEN.unpack_from(raw, len(MAGIC) + MAC_LEN)
         if hlen > len(raw) - _PREFIX:
             raise BadMessage("header length out of range")
@@ -95,7 +95,7 @@ class Codec:
             raise BadMac("message authentication failed")
         try:
             header = orjson.loads(body[_HLEN.size : _HLEN.size + hlen])
-            sizes = header.pop("blobs") if isinstance(header, dict) else None
+            sizes = header.pop("blobs", None) if isinstance(header, dict) else None
             if not isinstance(sizes, list) or any(type(n) is not int or n < 0 for n in sizes):
                 raise Malformed("bad blob table")
             offset = _PREFIX + hlen
