@@ -95,7 +95,7 @@ def test_without_another_zone_the_backup_stays_in_the_zone_and_moves_when_one_ap
 
 
 def test_an_unknown_zone_is_never_taken_for_the_owners() -> None:
-    # A node that announces no zone (an older release) may be anywhere: never "same zone".
+    # A member whose zone is not known yet may be anywhere: never "same zone".
     assert {choose_backup(t, "z1", {"same": "z1", "old": ""}) for t in TOKENS[:200]} == {"old"}
     spread = Counter(choose_backup(t, "", {"x": "z1", "y": ""}) for t in TOKENS[:2000])
     assert set(spread) == {"x", "y"}

@@ -16,8 +16,8 @@ the owner died, which member the owner had chosen).
   own. The one exception is wanted: when an owner's zone gains its first other live zone
   (or loses its last), the owner's backups move there (or come back).
 
-A member whose zone is not known (an older node that does not announce one) counts as a
-zone of its own: it is never treated as sharing a machine with anyone.
+A member whose zone is not known (not heard from by heartbeat yet) counts as a zone of its
+own: it is never treated as sharing a machine with anyone.
 """
 
 from __future__ import annotations
