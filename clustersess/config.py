@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
@@ -25,6 +26,8 @@ COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")
 #: no ':' (it separates the parts of channel and key names, so no cluster's channel can
 #: be another's) and no braces (Redis Cluster hash tags)
 CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: a zone names a failure domain (a machine by default: its host name)
+ZONE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 #: environment variable -> (config field, parser)
 ENV_VARS: dict[str, str] = {
@@ -42,6 +45,7 @@ ENV_VARS: dict[str, str] = {
     "CLUSTERSESS_CLUSTER": "cluster_name",
     "CLUSTERSESS_HTTPS_ONLY": "https_only",
     "CLUSTERSESS_GC_FREEZE": "gc_freeze",
+    "CLUSTERSESS_ZONE": "zone",
 }
 
 
@@ -74,6 +78,11 @@ class Config:
         notify_listeners_on_replication: also fire session listeners on backup nodes.
         gc_freeze: once the application has started, run one full garbage collection
             and freeze what survives (:mod:`clustersess.heap` says why); once per process.
+        zone: the failure domain this node runs in, announced in its heartbeats; a
+            session's backup is placed in another zone than its owner whenever one is
+            live (Infinispan's server hints, Hazelcast's partition groups). Empty
+            (default): the host name, so backups leave the machine. Set it to a rack or
+            an availability zone to spread further.
 
     Raises:
         ConfigError: on any invalid value.
@@ -100,6 +109,7 @@ class Config:
     on_replication_failure: FailureMode = "serve"
     notify_listeners_on_replication: bool = False
     gc_freeze: bool = True
+    zone: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.secret_key, str):
@@ -162,6 +172,13 @@ class Config:
                 f"max_session_size must be at most {MAX_SESSION_BYTES} bytes: a session must fit in one "
                 "replication message"
             )
+        if not self.zone:
+            object.__setattr__(self, "zone", socket.gethostname())
+        if not ZONE_RE.fullmatch(self.zone):
+            raise ConfigError(
+                f"zone {self.zone!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . : - "
+                "(set CLUSTERSESS_ZONE or zone=...; the default is the host name)"
+            )
         if self.redis_url is not None:
             try:
                 parse_redis_url(self.redis_url)
@@ -187,7 +204,11 @@ class Config:
     def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
         """Build a config from keywords, using ``CLUSTERSESS_*`` variables for the rest.
 
-        Keywords whose value is ``None`` count as not given. Raises :class:`ConfigError`.
+        Keywords whose value is ``None`` count as not given. In one of several worker
+        processes that a server runs on one port (``uvicorn --workers``, ``gunicorn -w``)
+        the node name becomes this worker's own route, ``<node_name>_w<pid>``, or, without
+        Redis, the layout is refused (:func:`clustersess.workers.for_this_process`).
+        Raises :class:`ConfigError`.
         """
         env = os.environ if env is None else env
         given = {k: v for k, v in kwargs.items() if v is not None}
@@ -203,7 +224,9 @@ class Config:
             given["secret_key"] = ()
         elif isinstance(given["secret_key"], Sequence) and not isinstance(given["secret_key"], str):
             given["secret_key"] = tuple(given["secret_key"])
-        return cls(**given)
+        from .workers import for_this_process  # workers imports this module
+
+        return for_this_process(cls(**given))
 
 
 def _redact(name: str, value: Any) -> Any:

@@ -1,6 +1,9 @@
 """``clustersess demo``: Redis, N nodes of the test.jsp demo and a load balancer on one machine.
 
-It starts every process itself, prints the URLs and a live view of the members (polled
+Each node is what a user runs: ``clustersess node`` (with ``--workers W``, a supervisor
+of W workers on W ports, one cluster member each), in a zone of its own as if on its own
+machine, and the load balancer's configuration is what ``clustersess lb-config`` renders
+for them. It starts every process itself, prints the URLs and a live view of the members (polled
 from each node's ``/cluster.json``), and stops everything it started on Ctrl-C (SIGINT),
 SIGTERM or SIGHUP: the load balancer first, then the nodes (SIGTERM, so they hand their
 sessions over), then Redis. Children also get SIGTERM if the demo itself dies
@@ -32,6 +35,8 @@ from typing import Any, Literal, TextIO
 
 from . import lb, redisbin
 from .errors import ClusterSessError
+from .supervisor import die_with_parent
+from .workers import worker_route
 
 LbChoice = Literal["auto", "haproxy", "nginx", "none"]
 LB_LABEL = {"haproxy": "HAProxy", "nginx": "nginx"}
@@ -54,6 +59,8 @@ class DemoOptions:
     """What ``clustersess demo`` was asked for (see ``clustersess demo --help``)."""
 
     nodes: int = 3
+    #: worker processes per node (``clustersess node --workers``), each on its own port
+    workers: int = 1
     port_base: int = 9090
     lb: LbChoice = "auto"
     lb_port: int | None = None
@@ -64,16 +71,28 @@ class DemoOptions:
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 32:
             raise DemoError(f"--nodes must be between 1 and 32, not {self.nodes}")
-        if not 1 <= self.port_base <= 65535 - self.nodes:
-            raise DemoError(f"--port-base {self.port_base} leaves no room for {self.nodes} node ports")
+        if not 1 <= self.workers <= 16:
+            raise DemoError(f"--workers must be between 1 and 16, not {self.workers}")
+        if not 1 <= self.port_base <= 65535 - self.nodes * self.workers:
+            raise DemoError(
+                f"--port-base {self.port_base} leaves no room for {self.nodes * self.workers} node ports"
+            )
 
     @property
     def balancer_port(self) -> int:
         return self.port_base if self.lb_port is None else self.lb_port
 
     def node_port(self, i: int) -> int:
-        """Port of node ``i`` (1-based): node1 on port_base+1, like the seed's 9091/9092."""
-        return self.port_base + i
+        """First port of node ``i`` (1-based): node1 on port_base+1, like the seed's 9091/9092;
+        with W workers per node, node ``i``'s workers take the next W ports."""
+        return self.port_base + (i - 1) * self.workers + 1
+
+    def routes(self, i: int) -> list[tuple[str, int]]:
+        """(route, port) of every member node ``i`` runs: ``nodeI``, or its workers' routes."""
+        name = f"node{i}"
+        if self.workers == 1:
+            return [(name, self.node_port(i))]
+        return [(worker_route(name, w), self.node_port(i) + w - 1) for w in range(1, self.workers + 1)]
 
 
 # -- Redis ------------------------------------------------------------------------------------
@@ -126,24 +145,6 @@ def redis_version(binary: str) -> str:
 
 
 # -- child processes ----------------------------------------------------------------------------
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn`` asking Linux to SIGTERM the child when the demo dies."""
-    prctl: Any = None
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        # Looked up before fork: the child only makes the call.
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the demo died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 @dataclasses.dataclass(eq=False)
@@ -258,6 +259,7 @@ class Demo:
         self.rundir = Path(tempfile.mkdtemp(prefix="clustersess-demo-"))
         self.secret_text = ""
         self.lb_note = ""
+        self.lb_command = ""
         self._drawn_lines = 0
         self._last_view = ""
 
@@ -305,7 +307,7 @@ class Demo:
                 # in order instead of every process dying at once.
                 start_new_session=True,
                 # The demo has no threads, so preexec_fn is safe here.
-                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
+                preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509
             )
         child = Child(name, proc, log_path)
         self.children.append(child)
@@ -333,7 +335,7 @@ class Demo:
             self._say()
         self._say("stopping: " + ", ".join(c.name for c in reversed(self.children) if c.alive()))
         # Load balancer first (no new requests), then the nodes together, then Redis.
-        nodes = [c for _, _, c in self.nodes]
+        nodes = list(dict.fromkeys(c for _, _, c in self.nodes))  # a supervisor runs several
         first = [c for c in self.children if c not in nodes and c is not self.redis]
         for group in (first, nodes, [self.redis] if self.redis else []):
             for child in group:
@@ -347,7 +349,8 @@ class Demo:
     def _start(self) -> None:
         opts = self.options
         kind = self._choose_lb()
-        ports = [opts.node_port(i) for i in range(1, opts.nodes + 1)] + ([opts.balancer_port] if kind else [])
+        members = [route for i in range(1, opts.nodes + 1) for route in opts.routes(i)]
+        ports = [port for _, port in members] + ([opts.balancer_port] if kind else [])
         if len(set(ports)) != len(ports):
             raise DemoError(f"--lb-port {opts.balancer_port} collides with a node port")
         busy = [p for p in ports if not port_free(opts.host, p)]
@@ -366,16 +369,21 @@ class Demo:
         self._start_redis()
 
         for i in range(1, opts.nodes + 1):
-            name, port = f"node{i}", opts.node_port(i)
+            name = f"node{i}"
             env = {
                 **self.env,
                 "CLUSTERSESS_SECRET": secret,
                 "CLUSTERSESS_REDIS_URL": self.redis_url,
                 "CLUSTERSESS_NODE": name,
+                # every node a zone of its own, as if on its own machine: a node's workers
+                # then never back up each other's sessions
+                "CLUSTERSESS_ZONE": name,
             }
             cmd = [sys.executable, "-m", "clustersess.cli", "node", "--name", name, "--host", opts.host,
-                   "--port", str(port), "--log-level", "warning"]  # fmt: skip
-            self.nodes.append((name, port, self._spawn(name, cmd, env)))
+                   "--port", str(opts.node_port(i)), "--workers", str(opts.workers),
+                   "--log-level", "warning"]  # fmt: skip
+            child = self._spawn(name, cmd, env)
+            self.nodes.extend((route, port, child) for route, port in opts.routes(i))
         for name, port, child in self.nodes:
             self._wait(name, functools.partial(_healthy, opts.host, port), child)
 
@@ -432,10 +440,14 @@ class Demo:
         opts = self.options
         directory = self.rundir / kind
         directory.mkdir()
-        backends = [lb.Backend(name, _connect_host(opts.host), port) for name, port, _ in self.nodes]
         config = directory / lb.FILES[kind]
         cookie = self.env.get("CLUSTERSESS_COOKIE") or "JSESSIONID"
-        config.write_text(lb.render(kind, backends, listen=f"{opts.host}:{opts.balancer_port}", cookie=cookie))
+        # What `clustersess lb-config` does with these arguments (printed in the banner).
+        specs = [f"{route}={_connect_host(opts.host)}:{port}" for route, port, _ in self.nodes]
+        backends = [lb.parse_backend(spec) for spec in specs]
+        listen = f"{opts.host}:{opts.balancer_port}"
+        config.write_text(lb.render(kind, backends, listen=listen, cookie=cookie))
+        self.lb_command = f"clustersess lb-config --lb {kind} --listen {listen} " + " ".join(specs)
         binary = lb.find(kind)
         assert binary is not None
         child = self._spawn(kind, lb.command(kind, binary, config), cwd=directory)
@@ -459,18 +471,41 @@ class Demo:
         say(f"  Logs:   {self.rundir}/")
         say()
         for name, port, child in self.nodes:
-            say(f"  {name}: {self._url(port)}   status: {self._url(port, '/cluster')}   pid {child.pid}")
+            pid = self._pid(name, port, child)
+            say(f"  {name}: {self._url(port)}   status: {self._url(port, '/cluster')}   pid {pid}")
         if self.balancer:
             kind, child = self.balancer
             say(f"  load balancer ({LB_LABEL[kind]}, sticky on the cookie's .nodeN suffix): "
                 f"{self._url(opts.balancer_port)}   pid {child.pid}")  # fmt: skip
+            say(f"    its config: {self.lb_command}")
         elif self.lb_note:
             say(f"  load balancer: {self.lb_note}")
         say()
         say("  Same browser, same host name: every node shows the same session ID.")
-        say("  Kill a node (kill -9 <pid>) and reload: the session survives on another node.")
+        if opts.workers > 1:
+            say(f"  Each node is `clustersess node --workers {opts.workers}` (supervisor pid "
+                + ", ".join(f"node{i} {c.pid}" for i, c in enumerate(dict.fromkeys(c for _, _, c in self.nodes), 1))
+                + "), in a zone of its own: backups live on other nodes.")  # fmt: skip
+            say("  Kill a worker (kill -9 <pid>) and reload: the session survives, and the worker comes back;")
+            say("  stop a whole node (kill <supervisor pid>) and its sessions move to the others.")
+        else:
+            say("  Kill a node (kill -9 <pid>) and reload: the session survives on another node.")
         say("Ready. Press Ctrl-C to stop everything.")
         say()
+
+    def _pid(self, name: str, port: int, child: Child, status: dict[str, Any] | None = None) -> str:
+        """The pid serving ``name``: the node itself, or a supervised worker (which says
+        its pid in its status: ``address`` is ``host:pid``)."""
+        if self.options.workers == 1:
+            return str(child.pid)
+        if status is None:
+            answer = http_status(_connect_host(self.options.host), port, "/cluster.json")
+            with contextlib.suppress(ValueError, TypeError):
+                status = json.loads(answer[1]) if answer is not None and answer[0] == 200 else None
+        for member in (status or {}).get("members") or []:
+            if isinstance(member, dict) and member.get("self"):
+                return str(member.get("address", "?")).rpartition(":")[2]
+        return "?"
 
     def _watch(self) -> None:
         while not self.stopping.is_set():
@@ -490,11 +525,11 @@ class Demo:
                 with contextlib.suppress(ValueError):
                     status = json.loads(answer[1])
             if not status:
-                rows.append((name, str(child.pid), "not answering", "", "", ""))
+                rows.append((name, self._pid(name, port, child), "not answering", "", "", ""))
                 continue
             rows.append((
                 name,
-                str(child.pid),
+                self._pid(name, port, child, status),
                 "up",
                 str(status.get("sessions_owned", "?")),
                 str(status.get("sessions_backed_up", "?")),

@@ -7,6 +7,12 @@ The demo renders these templates for its local nodes, and ``deploy/haproxy.cfg``
 Template syntax, deliberately tiny: ``{{name}}`` is replaced by a value, and a line that
 mentions a per-node placeholder (``{{node}}`` or ``{{address}}``) is repeated once per node,
 and a line starting with ``##`` is a note about the template itself and is dropped.
+
+Routing: a server named ``node1`` gets the cookies whose route is ``node1`` and those of
+its workers, ``node1_w<N>`` (:mod:`clustersess.workers`: a server that runs several
+workers on one port makes each its own member). ``clustersess node --workers N`` instead
+gives every worker its own port, so each worker is a server of its own, ``node1_w1``,
+``node1_w2``, ...; :func:`render` refuses a mix of both in one configuration.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import ROUTE_RE
+from .workers import base_route
 
 Kind = Literal["haproxy", "nginx"]
 KINDS: tuple[Kind, ...] = ("haproxy", "nginx")
@@ -56,10 +63,24 @@ def render(kind: Kind, backends: Sequence[Backend], *, listen: str, cookie: str 
     """The ``kind`` configuration for ``backends``, accepting clients on ``listen``.
 
     ``listen`` is ``host:port`` or ``:port`` (HAProxy) / ``port`` (nginx).
+
+    Raises:
+        ValueError: two nodes with one name, a node whose routes another one's would
+            catch (``node1`` and ``node1_w2``), or a cookie name nginx cannot read.
     """
     assert backends, "a load balancer needs at least one node"
+    names = {b.name for b in backends}
+    if len(names) != len(backends):
+        raise ValueError("every node needs its own name: " + ", ".join(sorted(b.name for b in backends)))
+    shadowed = sorted(b.name for b in backends if b.name != base_route(b.name) and base_route(b.name) in names)
+    if shadowed:
+        raise ValueError(
+            f"{', '.join(shadowed)} would also match the server {base_route(shadowed[0])!r}, which gets "
+            "every <name>_w<N> route (its workers'): rename one of them"
+        )
     # nginx reads the cookie as the variable $cookie_<name>: letters, digits and '_' only
-    assert re.fullmatch(r"\w{1,64}", cookie), f"cookie name {cookie!r} cannot be routed on by nginx"
+    if not re.fullmatch(r"\w{1,64}", cookie):
+        raise ValueError(f"cookie name {cookie!r} cannot be routed on (nginx): use letters, digits and _ only")
     values = {"listen": listen, "cookie": cookie}
     out: list[str] = []
     for line in template(kind).splitlines(keepends=True):
@@ -71,6 +92,35 @@ def render(kind: Kind, backends: Sequence[Backend], *, listen: str, cookie: str 
         else:
             out.append(_fill(line, values))
     return "".join(out)
+
+
+def node_lines(kind: Kind, backends: Sequence[Backend], *, cookie: str = "JSESSIONID") -> list[str]:
+    """Only the lines of ``kind``'s configuration that name the nodes, unindented: what to
+    add to a configuration of your own for ``backends`` (same checks as :func:`render`)."""
+    render(kind, backends, listen="-", cookie=cookie)
+    out: list[str] = []
+    for line in template(kind).splitlines():
+        if not line.lstrip().startswith("##") and set(_PLACEHOLDER.findall(line)) & _PER_NODE:
+            values = {"cookie": cookie, "listen": "-"}
+            out.extend(_fill(line, {**values, "node": b.name, "address": b.address}).strip() for b in backends)
+    return out
+
+
+def parse_backend(spec: str) -> Backend:
+    """``NAME=HOST:PORT`` (what ``clustersess lb-config`` takes) as a :class:`Backend`.
+
+    Raises:
+        ValueError: with what is wrong and the expected form.
+    """
+    name, sep, address = spec.partition("=")
+    host, colon, port = address.rpartition(":")
+    if not sep or not colon or not host:
+        raise ValueError(f"{spec!r} is not NAME=HOST:PORT (e.g. node1=10.0.0.11:9091)")
+    if not ROUTE_RE.fullmatch(name):
+        raise ValueError(f"node name {name!r} in {spec!r} is not a route: 1-32 characters from A-Z a-z 0-9 _")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r} in {spec!r} is not a TCP port")
+    return Backend(name, host, int(port))
 
 
 def _fill(line: str, values: dict[str, str]) -> str:
@@ -88,6 +138,8 @@ def _fill(line: str, values: dict[str, str]) -> str:
 #: what deploy/ is rendered for: the docker-compose services node1..node3 on 9091..9093
 DEPLOY_BACKENDS = tuple(Backend(f"node{i}", f"node{i}", 9090 + i) for i in (1, 2, 3))
 DEPLOY_LISTEN: dict[Kind, str] = {"haproxy": ":9090", "nginx": "9090"}
+#: where ``clustersess lb-config`` listens unless told
+DEFAULT_LISTEN: dict[Kind, str] = {"haproxy": ":80", "nginx": "80"}
 
 
 def render_deploy(kind: Kind) -> str:

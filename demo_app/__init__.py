@@ -15,10 +15,18 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from clustersess import ClusterSessionMiddleware
 
 NODE = os.environ.get("CLUSTERSESS_NODE", "node1")
+
+
+def _node(request: Request) -> str:
+    """This node's name: the configured one, or this worker's route under a server that
+    runs several workers on one port (node1_w<pid>)."""
+    manager = request.scope.get("clustersess.manager")
+    return str(manager.node) if manager is not None else NODE
 
 
 def _local_address(request: Request) -> str:
@@ -35,7 +43,7 @@ async def test_jsp(request: Request) -> Response:
         "    Server info:\n"
         f"{html.escape(_local_address(request))}<br>"
         f"<br>ID {html.escape(session.id)} <br>\n"
-        f"Node {html.escape(NODE)} <br>\n"
+        f"Node {html.escape(_node(request))} <br>\n"
         f"Hits {session['hits']} <br>\n"
         "</body>\n</html>\n"
     )
@@ -44,7 +52,7 @@ async def test_jsp(request: Request) -> Response:
 
 def _view(request: Request) -> dict[str, object]:
     session = request.session
-    return {"id": session.id, "node": NODE, "new": session.is_new, "data": dict(session)}
+    return {"id": session.id, "node": _node(request), "new": session.is_new, "data": dict(session)}
 
 
 async def get_session(request: Request) -> Response:
@@ -134,6 +142,17 @@ async def cluster_page(request: Request) -> Response:
     return HTMLResponse(body)
 
 
+def _metrics_endpoint() -> ASGIApp:
+    """Prometheus metrics at /metrics (needs prometheus_client: the ``metrics`` extra)."""
+    try:
+        from clustersess import metrics
+    except ImportError as exc:
+        return PlainTextResponse(f"{exc}\n", status_code=501)
+    return metrics.asgi_app()
+
+
+metrics_endpoint = _metrics_endpoint()
+
 routes = [
     Route("/test.jsp", test_jsp),
     Route("/api/session", get_session, methods=["GET"]),
@@ -144,6 +163,12 @@ routes = [
     Route("/health", health),
     Route("/cluster", cluster_page),
     Route("/cluster.json", cluster_json),
+    # Inside the session middleware: it hands the node to the metrics app in the scope.
+    Route("/metrics", metrics_endpoint),
 ]
 
 app = Starlette(routes=routes, middleware=[Middleware(ClusterSessionMiddleware)])
+if hasattr(metrics_endpoint, "bind"):
+    # prometheus_client's multiprocess mode (several workers on one port): each worker
+    # mirrors its own values from its start, not from the first scrape it happens to get.
+    metrics_endpoint.bind(app)

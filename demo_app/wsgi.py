@@ -11,14 +11,11 @@ It joins the same cluster as the Starlette nodes and serves the same sessions.
 from __future__ import annotations
 
 import html
-import os
 from typing import Any
 
 from flask import Flask, jsonify, request, session
 
 from clustersess.flask_ext import ClusterSession
-
-NODE = os.environ.get("CLUSTERSESS_NODE", "node1")
 
 app = Flask(__name__)
 # The cookie the Starlette nodes use (Tomcat's name), so this node serves their sessions;
@@ -28,7 +25,7 @@ clustersess = ClusterSession(app)
 
 
 def _view() -> dict[str, Any]:
-    return {"id": session.id, "node": NODE, "new": session.is_new, "data": dict(session)}
+    return {"id": session.id, "node": clustersess.manager.node, "new": session.is_new, "data": dict(session)}
 
 
 @app.get("/test.jsp")
@@ -40,7 +37,7 @@ def test_jsp() -> Any:
         "    Server info:\n"
         f"{html.escape(local)}<br>"
         f"<br>ID {html.escape(session.id)} <br>\n"
-        f"Node {html.escape(NODE)} <br>\n"
+        f"Node {html.escape(clustersess.manager.node)} <br>\n"
         f"Hits {session['hits']} <br>\n"
         "</body>\n</html>\n"
     )
@@ -94,3 +91,22 @@ def health() -> Any:
 @app.get("/cluster.json")
 def cluster_json() -> Any:
     return jsonify(clustersess.manager.status())
+
+
+try:
+    from clustersess import metrics
+except ImportError as exc:  # prometheus_client (the ``metrics`` extra) is not installed
+    metrics_missing = str(exc)
+else:
+    # Bound to this worker's node now, so in prometheus_client's multiprocess mode every
+    # worker mirrors its values from its start, not from the first scrape it gets.
+    metrics_app = metrics.wsgi_app(clustersess.manager)
+
+
+@app.get("/metrics")
+def prometheus_metrics() -> Any:
+    """Prometheus metrics (needs prometheus_client: the ``metrics`` extra)."""
+    if "metrics_app" not in globals():
+        return f"{metrics_missing}\n", 501, {"Content-Type": "text/plain; charset=utf-8"}
+    body, content_type = metrics_app.render(request.headers.get("Accept"))
+    return body, 200, {"Content-Type": content_type}

@@ -240,3 +240,18 @@ def test_console_script_is_installed() -> None:
         pytest.skip("package not installed with its console script (pip install -e .)")
     result = subprocess.run([exe, "--help"], env=base_env(), capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0 and "node" in result.stdout
+
+
+def test_zone_defaults_to_the_host_name_and_comes_from_the_environment() -> None:
+    import socket
+
+    assert Config(secret_key="s").zone == socket.gethostname()
+    assert Config.from_env({"CLUSTERSESS_SECRET": "s", "CLUSTERSESS_ZONE": "rack-2.dc1"}).zone == "rack-2.dc1"
+    assert Config.from_env({"CLUSTERSESS_SECRET": "s"}, zone="eu-west-1a").zone == "eu-west-1a"
+
+
+@pytest.mark.parametrize("zone", ["rack 1", "a/b", "x" * 65, "zöne"])
+def test_bad_zone_is_a_clear_error(zone: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config(secret_key="s", zone=zone)
+    assert repr(zone) in str(info.value) and "CLUSTERSESS_ZONE" in str(info.value)

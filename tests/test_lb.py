@@ -45,8 +45,8 @@ def test_render_repeats_node_lines_and_fills_every_placeholder(kind: lb.Kind) ->
     if kind == "haproxy":
         rules = [line.strip() for line in text.splitlines() if line.strip().startswith("use-server")]
         assert rules == [
-            "use-server alpha if { req.cook(SID),field(-1,.) -m str alpha }",
-            "use-server beta_2 if { req.cook(SID),field(-1,.) -m str beta_2 }",
+            "use-server alpha if { req.cook(SID),field(-1,.) -m reg ^alpha(_w[0-9]+)?$ }",
+            "use-server beta_2 if { req.cook(SID),field(-1,.) -m reg ^beta_2(_w[0-9]+)?$ }",
         ]
         assert "bind 127.0.0.1:7000" in text
     else:

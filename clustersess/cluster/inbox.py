@@ -69,6 +69,7 @@ class Inbox:
         ctx = self.ctx
         stats = ctx.stats
         stats.messages_received += 1
+        stats.bytes_received += len(raw)
         try:
             env = ctx.codec.decode(channel, raw)
         except WireError as exc:

@@ -6,17 +6,19 @@ could itself prove it was connected (``connected_since``), and its sessions are 
 only after Redis confirms that its lease lapsed (``node.py``). A (name, incarnation) is a
 member only once admitted (its claim in Redis names that incarnation), so a replayed
 message of a dead incarnation never makes a phantom member; a newer admitted incarnation
-of a name retires the older one. Backups are chosen by rendezvous hashing over the live
-members, so every node computes the same backup for a token without asking anyone.
+of a name retires the older one. Backups are chosen by :mod:`.placement` (rendezvous
+hashing, in another zone than the owner's while one is live) over the live members, so
+every node computes the same backup for a token without asking anyone.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import os
 from collections.abc import Iterable
+
+from .placement import choose_backup, rendezvous, score
 
 
 def new_incarnation() -> str:
@@ -48,20 +50,10 @@ class Member:
         return not (self.unreachable or self.leaving or self.suspected)
 
 
-def score(token: str, node: str) -> int:
-    digest = hashlib.blake2b(f"{token}\x00{node}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+__all__ = ["Member", "Membership", "new_incarnation", "pick_backup", "score"]
 
-
-def pick_backup(token: str, candidates: Iterable[str]) -> str | None:
-    """Rendezvous (highest random weight) choice among ``candidates``; even and stable."""
-    best: str | None = None
-    best_score = -1
-    for node in candidates:
-        s = score(token, node)
-        if s > best_score or (s == best_score and best is not None and node < best):
-            best, best_score = node, s
-    return best
+#: rendezvous choice among names, zones aside (kept for callers and tests of the old name)
+pick_backup = rendezvous
 
 
 #: incarnations remembered as retired (their messages are refused); older ones are
@@ -72,8 +64,10 @@ RETIRED_LIMIT = 4096
 class Membership:
     """The member table of one node (``me`` is never in it)."""
 
-    def __init__(self, me: str) -> None:
+    def __init__(self, me: str, *, zone: str = "") -> None:
         self.me = me
+        #: this node's zone (Config.zone): its backups go to another one while one is live
+        self.zone = zone
         self.members: dict[str, Member] = {}
         self.retired: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
@@ -130,4 +124,5 @@ class Membership:
         return [n for n, m in self.members.items() if m.candidate and n not in excluded]
 
     def backup_for(self, token: str, *, exclude: Iterable[str] = ()) -> str | None:
-        return pick_backup(token, self.candidates(exclude))
+        """The backup this node gives its session ``token`` among the candidates."""
+        return choose_backup(token, self.zone, {n: self.members[n].zone for n in self.candidates(exclude)})

@@ -86,7 +86,7 @@ class ClusterNode:
         self.store = store
         warn = RateLimitedLog(log)
         self.proof = SelfProof(timing)
-        self.members = Membership(self.name)
+        self.members = Membership(self.name, zone=config.zone)
         codec = Codec(config.secret_key, config.cluster_name)
         self.outbox = Outbox(
             self.name,
@@ -425,7 +425,10 @@ class ClusterNode:
     def _on_heartbeat(self, member: Member, env: m.Envelope) -> None:
         body = env.body
         assert isinstance(body, m.Heartbeat)
-        member.address, member.owned, member.backups, member.zone = body.address, body.owned, body.backups, body.zone
+        member.address, member.owned, member.backups = body.address, body.owned, body.backups
+        if member.zone != body.zone:  # first heartbeat of this member: its backups may move
+            member.zone = body.zone
+            self.replication.rebalance_soon()
         member.skew = body.wall - self.ctx.wall()
         if body.hello and self.proof.state is not State.JOINING:
             self._beat()
@@ -477,7 +480,7 @@ class ClusterNode:
                 len(self.store.backups),
                 self.ctx.wall(),
                 hello,
-                self.config.zone if hasattr(self.config, "zone") else "",
+                self.config.zone,
             ),
         )
 
@@ -600,7 +603,7 @@ class ClusterNode:
                 "address": self.address,
                 "owned": len(self.store.owned),
                 "backups": len(self.store.backups),
-                "zone": getattr(self.config, "zone", ""),
+                "zone": self.config.zone,
             }
         ]
         for member in sorted(self.members.members.values(), key=lambda x: x.name):

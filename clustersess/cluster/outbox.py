@@ -172,6 +172,7 @@ class Outbox:
         wait = self._acks.pop((channel, ack.ack), None)
         if wait is None:
             return
+        self._stats.ack_latency.observe(self._mono() - wait.sent)
         refused = {r.token: r for r in ack.refused}
         for token, futs in wait.waiters.items():
             result = refused.get(token)
