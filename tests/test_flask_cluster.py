@@ -195,7 +195,7 @@ def test_gunicorn_workers_are_members_and_alternating_requests_stay_correct(
     # they left (a worker that died without atexit is dropped for missing heartbeats).
     assert guni.terminate() == 0
     assert "clustersess: handed" in guni.log_text(), guni.log_text()
-    wait_until(lambda: "guni_w1 lost: left" in star.log_text() and "guni_w2 lost: left" in star.log_text())
+    wait_until(lambda: "member guni_w1 left" in star.log_text() and "member guni_w2 left" in star.log_text())
 
 
 def test_gunicorn_workers_stopping_together_lose_no_session(

@@ -395,7 +395,7 @@ class ClusterNode:
         self.replication.rebalance_soon()
 
     def _left(self, member: Member) -> None:
-        log.info("clustersess: member %s left (%d live)", member.name, len(self.members.members))
+        log.warning("clustersess: member %s left (%d live)", member.name, len(self.members.members))
         self._spawn(self.ownership.adopt_from(member.name), "clustersess-adoption")
         self.replication.rebalance_soon()
 
