@@ -807,8 +807,8 @@ class World:
 
     async def check(self) -> None:
         for client in self.clients:
-            if client.token is None:
-                continue
+            if client.token is None or not client.acked:
+                continue  # a session none of whose writes was acknowledged may be gone
             held = self.holders(client.token)
             owners = [n for n, (role, _) in held.items() if role == "owned"]
             if len(owners) != 1:

@@ -226,7 +226,10 @@ class Replication:
     def send_drops(self) -> None:
         ctx = self.ctx
         drops, self._drops = self._drops, {}
-        for name, items in drops.items():
+        for name, due in drops.items():
+            # Not to a member that is this session's backup again by now: a REPLICATE to
+            # it may already be on its way (a DROP queued now leaves before any later one).
+            items = [(t, e) for t, e in due if (o := ctx.store.owned.get(t)) is None or o.backup != name]
             for i in range(0, len(items), ITEMS_PER_MESSAGE):
                 ctx.outbox.send(ctx.channel(name), m.Drop(tuple(items[i : i + ITEMS_PER_MESSAGE])))
 
