@@ -30,6 +30,9 @@ _HEADER_CACHE_SIZE = 1024
 _MAX_CACHED_HEADER = 4096
 
 
+_SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
+
+
 async def _nothing() -> None:
     return None
 
@@ -146,7 +149,11 @@ class ClusterSessionMiddleware:
         handle = manager.open_local(cookie) if cookie else None
         if handle is None:
             try:
-                handle = await manager.open(cookie)
+                # Lazy ownership for safe methods: a GET that never uses its session
+                # (a health check, a static file) reads nothing and moves nothing. Other
+                # methods take the session over before the app runs, so that concurrent
+                # read-modify-writes on several nodes stay exact.
+                handle = await manager.open(cookie, lazy=scope["method"] in _SAFE_METHODS)
             except ReplicationUnavailable as exc:  # the node is stopping mid-takeover
                 await self._refuse(None, exc, send)
                 return

@@ -39,6 +39,7 @@ class Replicator(Protocol):
     async def wait_ready(self) -> None: ...
     async def stop(self) -> None: ...
     async def acquire(self, token: str) -> Entry | None: ...
+    async def peek(self, token: str) -> Entry | None: ...
     async def replicate(self, entry: Entry) -> bool: ...
     def can_replicate(self, token: str | None = None) -> bool: ...
     def buried(self, tokens: dict[str, str | None]) -> None: ...
@@ -64,6 +65,9 @@ class Handle:
     #: (current key, routed here): the session's token then; while ``entry.token`` is
     #: still this very object and the entry is still ours, no cookie needs sending
     token: str | None = None
+    #: the session is a copy read from its owner elsewhere (lazy ownership): taken over
+    #: at the end of the request only if the request used it
+    lazy: bool = False
 
 
 _new_handle = object.__new__
@@ -269,11 +273,20 @@ class SessionManager:
         return info
 
     # -- request path -------------------------------------------------------------------
-    async def open(self, cookie: str | None) -> Handle:
+    async def open(self, cookie: str | None, *, lazy: bool = False) -> Handle:
         """The session for a request that carried ``cookie`` (its raw value, or None).
 
         Never raises for bad input: a forged, malformed, unknown, expired or invalidated
         cookie gets a fresh session (strict mode: the presented ID is never adopted).
+
+        With ``lazy`` (the ASGI adapter, where Starlette marks a session as used), a
+        session owned by another node is only read (one round trip, ownership stays):
+        :meth:`close` takes it over if the request used it, and does nothing otherwise,
+        so a health check, a static file or a status page never moves a session.
+
+        Raises:
+            SessionUnavailable: refuse mode, and the session may be on a member that did
+                not answer.
         """
         if cookie:
             handle = self.open_local(cookie)
@@ -283,6 +296,10 @@ class SessionManager:
         verified = self.signer.verify(cookie) if cookie else None
         if cookie and verified is None:
             self.stats.rejected_cookies += 1
+        if verified is not None and lazy and self.cluster is not None:
+            handle = await self._open_lazy(cookie, verified.token, verified.resign)
+            if handle is not None:
+                return handle
         if verified is not None:
             entry = await self._find(verified.token, verified.route)
             if entry is None:
@@ -297,6 +314,69 @@ class SessionManager:
         assert verified is not None  # an entry is only found for a verified cookie
         current = not verified.resign and verified.route == self.node and entry.token == verified.token
         return Handle(self._live(entry), cookie, verified.resign, False, entry.token if current else None)
+
+    async def _open_lazy(self, cookie: str | None, token: str, resign: bool) -> Handle | None:
+        """A read-only copy of a session another node owns; None: take the usual path."""
+        assert self.cluster is not None
+        if token in self.store.owned or self.store.is_dead(token, self.clock.time()):
+            return None
+        try:
+            copy = await self.cluster.peek(token)
+        except SessionUnavailable:
+            if self._refuse:
+                self.stats.writes_refused += 1
+                raise
+            return None
+        if copy is None or self.store.owned.get(token) is copy:
+            return None
+        if self.clock.time() - copy.last_accessed > self.config.max_inactive:
+            return None
+        # The copy reads as ours (its ID names this node, as the cookie will once the
+        # request uses it); it is stored nowhere until then.
+        copy.owner = self.node
+        session = Session(copy, self, codec.decode(copy.payload))
+        session._settle_clean()
+        copy.session = session
+        copy.inflight = 1
+        return Handle(session, cookie, resign, False, None, True)
+
+    async def _close_lazy(self, handle: Handle) -> CookieAction:
+        """End a request that read a copy: take the session over if it was used (its
+        changes go on top of the newest data), or let it be."""
+        session = handle.session
+        copy = session._entry
+        handle.closed = True
+        copy.inflight -= 1
+        if session._killed or copy.dirty:
+            # invalidate() or rotate(): done on the copy already (the tombstone reaches the
+            # owner); what remains is a plain new session of ours
+            handle.closed = False
+            copy.inflight += 1
+            handle.lazy = False
+            return await self.close(handle)
+        changed = not session._clean and _differs(session, copy.payload)
+        if not session.accessed and not changed:
+            return KEEP  # unused: nothing moved, no cookie
+        assert self.cluster is not None
+        entry = await self.cluster.acquire(copy.token)
+        if entry is None:
+            return KEEP  # gone meanwhile (logged out): its write goes with it
+        self.stats.lazy_takeovers += 1
+        live = self._live(entry)
+        if changed:
+            # The request's changes, on top of what the session holds now (someone may
+            # have written since the copy was read): keys it set or deleted.
+            base = codec.decode(copy.payload)
+            for key in set(base) | set(session):
+                if key not in session:
+                    live.pop(key, None)
+                elif key not in base or base[key] != session[key]:
+                    live[key] = session[key]
+        live.accessed = True
+        owned = Handle(live, handle.cookie_in, handle.resign, False, None)
+        action = await self.close(owned)
+        handle.session = live  # the cookie to send names the session as we own it now
+        return action
 
     def open_local(self, cookie: str) -> Handle | None:
         """The fast path of :meth:`open`, without awaiting: a cookie verified before, for
@@ -322,7 +402,7 @@ class SessionManager:
         handle = _new_handle(Handle)
         handle.session = session
         handle.cookie_in = cookie
-        handle.resign = handle.closed = False
+        handle.resign = handle.closed = handle.lazy = False
         handle.token = entry.token
         return handle
 
@@ -387,6 +467,8 @@ class SessionManager:
         """
         if self.close_local(handle):
             return KEEP
+        if handle.lazy:
+            return await self._close_lazy(handle)
         cluster = self.cluster
         if (
             cluster is not None
@@ -565,6 +647,7 @@ class SessionManager:
         if entry.version > 0:
             self.store.owned.pop(old, None)
             self.store.bury(old, self._tombstone_until())
+            entry.session = session  # (a copy read from its owner, lazily, is ours now)
             self.store.owned[entry.token] = entry
             # Commit at request end even if the data is unchanged: the new token must
             # reach the backup.
@@ -625,6 +708,14 @@ class SessionManager:
             except Exception:
                 self.stats.listener_errors += 1
                 log.exception("session listener %r failed in destroyed()", listener)
+
+
+def _differs(session: Session, payload: bytes) -> bool:
+    """Whether ``session`` holds something else than the JSON ``payload``."""
+    try:
+        return codec.encode(session) != payload
+    except (SessionValueError, SessionTooLarge):
+        return True
 
 
 class _Events:

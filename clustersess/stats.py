@@ -99,6 +99,9 @@ class Stats:
     conflicts: int = 0
     takeovers_unconfirmed: int = 0
     reclaims: int = 0
+    #: copies read without taking the session over (lazy ownership), and those taken over
+    peeks: int = 0
+    lazy_takeovers: int = 0
     #: sessions given up to a takeover that never completed, taken back
     takebacks: int = 0
     stepped_down: int = 0

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -283,3 +284,29 @@ def test_parallel_requests_of_one_session_on_two_nodes_lose_nothing() -> None:
         owners = [s["node"] for s in statuses if s["sessions_owned"]]
         assert len(owners) == 1, counters
         assert user.get(nodes[0])["data"] == {"n": 41}, counters
+
+
+def test_a_request_that_never_uses_its_session_moves_nothing() -> None:
+    """Lazy ownership: a health check, a status page or a static file with the cookie of
+    a session owned elsewhere fetches, takes over and re-issues nothing; the first request
+    that uses the session takes it over (and a GET that writes applies its change)."""
+    with cluster(2) as (_, nodes):
+        node1, node2 = nodes
+        user = Client()
+        user.post(node1, {"cart": ["book"]})
+        headers = {"Cookie": f"JSESSIONID={user.cookie}"}
+        for path in ("/health", "/cluster.json"):
+            r = httpx.get(node2.url + path, headers=headers, timeout=10)
+            assert r.status_code == 200, (path, r.text)
+            assert "set-cookie" not in r.headers and "vary" not in r.headers, (path, r.headers)
+        assert status(node1)["sessions_owned"] == 1 and status(node2)["sessions_owned"] == 0
+        assert status(node2)["stats"]["takeovers"] == 0
+        # the first use moves it, and the cookie names the new owner
+        body = user.get(node2)
+        assert body["data"] == {"cart": ["book"]} and user.route == "node2"
+        assert status(node2)["sessions_owned"] == 1 and status(node1)["sessions_owned"] == 0
+        # a GET that writes (test.jsp's hit counter) on the other node applies its change
+        r = httpx.get(node1.url + "/test.jsp", headers={"Cookie": f"JSESSIONID={user.cookie}"}, timeout=10)
+        assert r.status_code == 200 and ".node1" in r.headers["set-cookie"]
+        user.cookie = r.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+        assert user.get(node1)["data"]["cart"] == ["book"]

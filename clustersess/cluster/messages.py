@@ -347,16 +347,19 @@ class Fetch(Body):
     TYPE: ClassVar[MsgType] = MsgType.FETCH
     request: str
     token: str
+    #: only read it: send your copy, keep ownership (lazy ownership: the request may
+    #: never use its session)
+    peek: bool = False
 
     def to_json(self, blobs: Blobs) -> dict[str, Any]:
-        return {"req": self.request, "k": self.token}
+        return {"req": self.request, "k": self.token, "peek": self.peek}
 
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Fetch:
         request = _get(body, "req", str)
         if len(request) > 64:
             raise Malformed("request id too long")
-        return cls(request, _token(body.get("k")))
+        return cls(request, _token(body.get("k")), _get(body, "peek", bool))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -315,6 +315,10 @@ class ClusterNode:
         """Take session ``token`` over (a request for it arrived here)."""
         return await self.ownership.acquire(token)
 
+    async def peek(self, token: str) -> Entry | None:
+        """The newest copy of ``token``, read without taking it over (lazy ownership)."""
+        return await self.ownership.peek(token)
+
     async def replicate(self, entry: Entry) -> bool:
         """Replicate a committed session; True if it is confirmed (see Replication)."""
         return await self.replication.replicate(entry)

@@ -175,7 +175,7 @@ class Ownership:
             if self._taking.get(token) is asyncio.current_task():
                 del self._taking[token]
 
-    async def _round(self, token: str) -> tuple[dict[str, m.FetchReply], bool]:
+    async def _round(self, token: str, *, peek: bool = False) -> tuple[dict[str, m.FetchReply], bool]:
         """Ask every live member for its copy; (answers heard in time, heard everyone)."""
         ctx = self.ctx
         names = ctx.members.live()
@@ -187,7 +187,7 @@ class Ownership:
         rnd = self._rounds[req] = _Round(token, set())
         try:
             counts = [
-                (name, ctx.outbox.send(ctx.channel(name), m.Fetch(req, token), counted=True)) for name in names
+                (name, ctx.outbox.send(ctx.channel(name), m.Fetch(req, token, peek), counted=True)) for name in names
             ]
             for name, fut in counts:
                 assert fut is not None
@@ -269,6 +269,35 @@ class Ownership:
                     if r.state is not None and name != entry.backup:
                         self.replication.drop_later(name, token, entry.epoch - 1)
         return entry
+
+    async def peek(self, token: str) -> Entry | None:
+        """The newest copy of ``token`` in the cluster, read without taking it over (a
+        detached :class:`Entry`, stored nowhere), or None if there is none. Raises
+        :class:`SessionUnavailable` if none was found but not every member answered."""
+        ctx = self.ctx
+        owned = ctx.store.owned.get(token)
+        if owned is not None:
+            return owned
+        replies, complete = await self._round(token, peek=True)
+        now = ctx.wall()
+        if any(r.dead for r in replies.values()) or ctx.store.is_dead(token, now):
+            ctx.store.bury(token, now + ctx.timing.tombstone_ttl, extend=False)
+            return None
+        copies = [entry_from(r.state, now) for r in replies.values() if r.state is not None]
+        local = ctx.store.backups.get(token)
+        if local is not None and local.version > 0:
+            copies.append(local)
+        if not copies:
+            if not complete:
+                raise SessionUnavailable("no copy of the session was found, and not every member answered")
+            return None
+        winner, _, _ = versions.choose([versions.Candidate(c.vv, c.epoch, c.owner, c.payload, c) for c in copies])
+        best: Entry = winner.item
+        ctx.stats.peeks += 1
+        return Entry(
+            token=token, owner=best.owner, created=best.created, last_accessed=best.last_accessed,
+            epoch=best.epoch, version=best.version, payload=best.payload, vv=best.vv,
+        )  # fmt: skip
 
     def _conflict(self, entry: Entry, losers: list[versions.Candidate]) -> None:
         ctx = self.ctx
@@ -376,6 +405,11 @@ class Ownership:
         reply = ctx.channel(member.name)
         if ctx.store.is_dead(token, ctx.wall()):
             ctx.outbox.send(reply, m.FetchReply(body.request, token, None, dead=True))
+            return
+        if body.peek:
+            copy = ctx.store.owned.get(token) or ctx.store.backups.get(token)
+            state = state_of(copy, ctx.wall()) if copy is not None and copy.version > 0 else None
+            ctx.outbox.send(reply, m.FetchReply(body.request, token, state))
             return
         owned = ctx.store.owned.get(token)
         if token in self.contending and owned is None:
