@@ -301,9 +301,10 @@ class _UnavailableSession(NullSession):
 
 
 def _refuse_unavailable() -> Any:
-    from flask import session
+    from flask.globals import _cv_request
 
-    if isinstance(session, _UnavailableSession):
+    # the context's own attribute: going through flask.session would mark it accessed
+    if isinstance(getattr(_cv_request.get(None), "_session", None), _UnavailableSession):
         return _unavailable(ReplicationUnavailable("the session is on a member that did not answer"))
     return None
 

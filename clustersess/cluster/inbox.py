@@ -69,7 +69,8 @@ class Inbox:
         ctx = self.ctx
         stats = ctx.stats
         stats.messages_received += 1
-        stats.bytes_received += len(raw)
+        if isinstance(raw, (bytes, bytearray)):
+            stats.bytes_received += len(raw)
         try:
             env = ctx.codec.decode(channel, raw)
         except WireError as exc:
