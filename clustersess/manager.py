@@ -477,17 +477,29 @@ class SessionManager:
             and self._would_change(handle)
         ):
             # Fenced, and configured to refuse: nothing is stored, the request gets 503.
-            self.abandon(handle)
+            self.abandon(handle)  # (a rotation in it is undone there)
             self.stats.writes_refused += 1
             action = self._cookie_out(handle, False)
             raise ReplicationUnavailable("this node is fenced: " + cluster.health().reason, action)
         # a logout or rotation in this request: its tombstone must be acknowledged too
-        buried = handle.session._killed or handle.session._entry.dirty
+        session = handle.session
+        buried = session._killed or session._entry.dirty
+        rotated, session._rotated_from = session._rotated_from, None
         changed = self._commit(handle)
         if cluster is not None:
             ok = True
             if changed:
-                ok = await cluster.replicate(handle.session._entry)
+                ok = await cluster.replicate(session._entry)
+            if rotated is not None:
+                if ok or not self._refuse:
+                    cluster.buried({rotated[0]: rotated[1]})
+                else:
+                    # Refuse mode, and the new ID did not reach the backup: the rotation
+                    # does not happen (nothing about it has left this node).
+                    self._unrotate(session._entry, rotated)
+                    self.stats.writes_unreplicated += 1
+                    self.stats.writes_refused += 1
+                    raise ReplicationUnavailable("the backup did not confirm the new ID", KEEP)
             if self._unsettled:
                 # Every request waits for the logouts sent so far (sync mode), but only the
                 # one that logged out fails if they were not acknowledged.
@@ -569,6 +581,9 @@ class SessionManager:
         if handle.closed:
             return
         handle.closed = True
+        rotated, handle.session._rotated_from = handle.session._rotated_from, None
+        if rotated is not None:
+            self._unrotate(handle.session._entry, rotated)
         entry = handle.session._entry
         entry.inflight -= 1
         if entry.inflight == 0 and entry.version > 0:
@@ -645,7 +660,7 @@ class SessionManager:
         entry.token = ids.new_token()
         self.stats.sessions_rotated += 1
         if entry.version > 0:
-            self.store.owned.pop(old, None)
+            was_owned = self.store.owned.pop(old, None) is entry
             self.store.bury(old, self._tombstone_until())
             entry.session = session  # (a copy read from its owner, lazily, is ours now)
             self.store.owned[entry.token] = entry
@@ -653,8 +668,20 @@ class SessionManager:
             # reach the backup.
             entry.dirty = True
             session._clean = False
-            if self.cluster is not None:
-                self.cluster.buried({old: entry.backup})
+            # The cluster hears of the old ID's death at commit, once the new ID has
+            # reached the backup: a rotation then either happens or (refuse mode) does not.
+            if self.cluster is not None and session._rotated_from is None:
+                session._rotated_from = (old, entry.backup, was_owned)
+
+    def _unrotate(self, entry: Entry, rotated: tuple[str, str | None, bool]) -> None:
+        """Undo a rotation the cluster was never told of (its request did not commit)."""
+        old, _, was_owned = rotated
+        self.store.owned.pop(entry.token, None)
+        self.store.tombstones.pop(old, None)
+        entry.token = old
+        if was_owned:
+            self.store.owned[old] = entry
+        self.stats.sessions_rotated -= 1
 
     def invalidate(self, session: Session) -> None:
         entry = session._entry

@@ -63,10 +63,13 @@ class Session(dict[str, Any]):
     ``TypeError``) naming the key, at the assignment.
     """
 
-    __slots__ = ("_clean", "_deep", "_entry", "_killed", "_manager", "accessed", "modified")
+    __slots__ = ("_clean", "_deep", "_entry", "_killed", "_manager", "_rotated_from", "accessed", "modified")
 
     def __init__(self, entry: Entry, manager: SessionManager, data: Mapping[str, Any] | None = None) -> None:
         super().__init__(data or {})
+        #: rotate() in this request: (the ID the cluster knows, its backup, whether this
+        #: node owned it), told to the cluster at commit
+        self._rotated_from: tuple[str, str | None, bool] | None = None
         self._entry = entry
         self._manager = manager
         self.accessed = False

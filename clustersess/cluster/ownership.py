@@ -90,7 +90,7 @@ class Ownership:
         self._owned_due: list[tuple[str, int, versions.VV]] = []
 
     # == taking over ==========================================================================
-    async def acquire(self, token: str) -> Entry | None:
+    async def acquire(self, token: str, *, force: bool = False) -> Entry | None:
         """Take session ``token`` over (a request for it arrived here).
 
         Concurrent calls share one takeover, which runs as its own task: a caller that is
@@ -101,7 +101,7 @@ class Ownership:
         """
         ctx = self.ctx
         owned = ctx.store.owned.get(token)
-        if owned is not None and token not in self.unconfirmed and token not in self._taking:
+        if owned is not None and not force and token not in self.unconfirmed and token not in self._taking:
             return owned  # ours already (the client's cookie named a former owner)
         task = self._taking.get(token)
         if task is None:
@@ -179,12 +179,15 @@ class Ownership:
         """Ask every live member for its copy; (answers heard in time, heard everyone)."""
         ctx = self.ctx
         names = ctx.members.live()
+        # A suspected member is silent but not gone (its lease may still hold, and it may
+        # hold the session): not worth waiting for, but the round cannot be complete.
+        suspected = len(ctx.members.members) > len(names)
         if not names:
-            return {}, ctx.healthy()
+            return {}, ctx.healthy() and not suspected
         if not ctx.transport.connected:
             return {}, False
         req = os.urandom(8).hex()
-        rnd = self._rounds[req] = _Round(token, set())
+        rnd = self._rounds[req] = _Round(token, set(), unheard=suspected)
         try:
             counts = [
                 (name, ctx.outbox.send(ctx.channel(name), m.Fetch(req, token, peek), counted=True)) for name in names
@@ -394,7 +397,7 @@ class Ownership:
                 if ctx.store.is_dead(token, ctx.wall()):
                     continue
                 if token in ctx.store.owned or token in ctx.store.backups:
-                    await self.acquire(token)
+                    await self.acquire(token, force=True)  # even if ours: another may own it too
 
     # == holder side ===========================================================================
     def on_fetch(self, member: Member, env: m.Envelope) -> None:
