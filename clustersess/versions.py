@@ -59,6 +59,8 @@ def total(vv: VV) -> int:
 def compare(a: VV, b: VV) -> Order:
     if a == b:
         return Order.EQUAL
+    if len(a) == 2 and len(b) == 2 and a[0] == b[0]:  # the common case: one writer
+        return Order.NEWER if a[1] > b[1] else Order.OLDER
     da, db = as_dict(a), as_dict(b)
     a_ahead = any(n > db.get(k, 0) for k, n in da.items())
     b_ahead = any(n > da.get(k, 0) for k, n in db.items())
@@ -93,6 +95,13 @@ def from_json(raw: Any, valid_name: Any) -> VV:
     """
     if not isinstance(raw, dict) or len(raw) > MAX_WRITERS:
         raise ValueError("a version vector is an object of at most 64 names")
+    if len(raw) == 1:  # the common case: one writer
+        ((k, n),) = raw.items()
+        if not isinstance(k, str) or not valid_name.fullmatch(k):
+            raise ValueError("a version vector's keys are node names")
+        if type(n) is not int or not 0 < n < 2**53:
+            raise ValueError("a version vector's counts are positive integers")
+        return (k, n)
     for k, n in raw.items():
         if not isinstance(k, str) or not valid_name.fullmatch(k):
             raise ValueError("a version vector's keys are node names")

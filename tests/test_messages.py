@@ -50,7 +50,7 @@ SAMPLES: dict[m.MsgType, list[m.Body]] = {
     ],
     m.MsgType.ACCESSED: [m.Accessed(((TOKEN, 3, 1.5), (TOKEN2, 0, 0.0)))],
     m.MsgType.INVALIDATE: [m.Invalidate(((TOKEN, 60.0),)), m.Invalidate(((TOKEN, 1.0), (TOKEN2, 0.0)), "expired")],
-    m.MsgType.FETCH: [m.Fetch("abcd1234", TOKEN)],
+    m.MsgType.FETCH: [m.Fetch("abcd1234", TOKEN), m.Fetch("r", TOKEN, peek=True)],
     m.MsgType.FETCH_REPLY: [
         m.FetchReply("abcd1234", TOKEN, STATE),
         m.FetchReply("r", TOKEN, None),
@@ -337,6 +337,7 @@ MALFORMED: dict[str, Doc] = {
     # -- fetch and its reply
     **family("fetch req", FETCH, ("b", "req"), {"missing": DELETE, "null": None, "number": 1, "too long": "r" * 65}),
     **family("fetch token", FETCH, ("b", "k"), NOT_TOKEN),
+    **family("fetch peek", FETCH, ("b", "peek"), NOT_BOOL),
     **family("reply req", REPLY, ("b", "req"), {"missing": DELETE, "null": None, "number": 1, "too long": "r" * 65}),
     **family("reply token", REPLY, ("b", "k"), NOT_TOKEN),
     "reply token not the state's": bad(REPLY, ("b", "k"), TOKEN2),

@@ -89,6 +89,8 @@ class Replication:
         self._tombstones_due: dict[str, str] = {}
         #: old backup -> sessions it should drop once their new backup has them
         self._drops: dict[str, list[tuple[str, int]]] = {}
+        #: token -> its former backup, while a sync write to its new one is awaited
+        self._moved: dict[str, str | None] = {}
         #: asker -> when we last answered its resync; askers waiting for the next answer
         self._resync_at: dict[str, float] = {}
         self._resync_waiting: dict[str, float] = {}
@@ -102,8 +104,12 @@ class Replication:
         self._lone_logged = False
 
     # == owner side ==========================================================================
-    def enqueue(self, entry: Entry, *, handoff: bool = False) -> asyncio.Future[m.Refusal | None] | None:
-        """Queue ``entry`` for its backup; None if there is nobody to send it to."""
+    def enqueue(
+        self, entry: Entry, *, handoff: bool = False, settle: bool = True
+    ) -> asyncio.Future[m.Refusal | None] | None:
+        """Queue ``entry`` for its backup; None if there is nobody to send it to. The
+        backup's answer is acted on when it comes (``settle=False``: the caller awaits
+        the future and calls :meth:`settled` itself)."""
         ctx = self.ctx
         exclude = (entry.owner,) if entry.owner != ctx.name else ()
         backup = ctx.members.backup_for(entry.token, exclude=exclude)
@@ -120,13 +126,20 @@ class Replication:
             return None
         self._lone_logged = False
         fut = ctx.outbox.replicate(ctx.channel(backup), entry, handoff=handoff)
-        fut.add_done_callback(lambda f: self._settled(entry, old, backup, f))
+        if settle:
+            fut.add_done_callback(lambda f: self._settled(entry, old, backup, f))
+        elif old != backup:
+            self._moved[entry.token] = old
         return fut
 
     def _settled(self, entry: Entry, old: str | None, new: str, fut: asyncio.Future[m.Refusal | None]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
-        refusal = fut.result()
+        self.settled(entry, fut.result(), old, new)
+
+    def settled(self, entry: Entry, refusal: m.Refusal | None, old: str | None, new: str | None) -> None:
+        """The backup ``new`` answered for ``entry``: act on a refusal, or let the former
+        backup ``old`` drop its copy."""
         if refusal is not None:
             self.refused(entry, refusal)
         elif old is not None and old != new and old in self.ctx.members.members:
@@ -149,14 +162,20 @@ class Replication:
         sync = ctx.config.replication == "sync"
         deadline = ctx.mono() + ctx.timing.ack_timeout
         for _attempt in range(3):
-            fut = self.enqueue(entry)
+            fut = self.enqueue(entry, settle=False)
             if fut is None:
                 # Alone in the cluster (no member at all): there is nothing to replicate
                 # to, and a lone node answers as a single node does. Members that cannot
                 # take it now (all suspected or unreachable) are a failure of this write.
                 return confirmed and not ctx.members.members
             if not sync:
-                fut.add_done_callback(consume)
+                self._moved.pop(entry.token, None)
+                backup = entry.backup or ""
+
+                def answered(f: asyncio.Future[m.Refusal | None]) -> None:
+                    self._settled(entry, None, backup, f)
+
+                fut.add_done_callback(answered)
                 return False  # async mode claims nothing
             # The future is this request's own, so it is awaited directly with a timer of
             # its own; asyncio.wait_for(shield(...)) cost five more objects per waiting
@@ -180,6 +199,7 @@ class Replication:
                 return False  # counted and queued by the flusher, or no longer ours
             finally:
                 timer.cancel()
+            self.settled(entry, refusal, self._moved.pop(entry.token, None), entry.backup)
             return refusal is None and confirmed and ctx.healthy()
         ctx.outbox.requeue[entry.token] = None
         return False
