@@ -18,7 +18,7 @@ import dataclasses
 import os
 from collections.abc import Iterable
 
-from .placement import choose_backup, rendezvous, score
+from .placement import choose_among, rendezvous, score
 
 
 def new_incarnation() -> str:
@@ -125,4 +125,5 @@ class Membership:
 
     def backup_for(self, token: str, *, exclude: Iterable[str] = ()) -> str | None:
         """The backup this node gives its session ``token`` among the candidates."""
-        return choose_backup(token, self.zone, {n: self.members[n].zone for n in self.candidates(exclude)})
+        pairs = ((n, mb.zone) for n, mb in self.members.items() if mb.candidate and n not in exclude)
+        return choose_among(token, self.zone, pairs)

@@ -169,7 +169,9 @@ class ClusterNode:
     # == lifecycle ============================================================================
     def start_tasks(self, tg: asyncio.TaskGroup) -> None:
         self._tg = tg
-        self._mono.loop = asyncio.get_running_loop()
+        loop = self._mono.loop = asyncio.get_running_loop()
+        # the parts read it on every write: the loop's own method, not a wrapper
+        self.ctx.mono = self.outbox._mono = loop.time
         transport = self.transport
         for name, factory in (
             ("receiver", lambda: transport.run([self.ch_me, self.ch_all], self._on_message, self._on_connect)),

@@ -54,5 +54,13 @@ def choose_backup(token: str, owner_zone: str, candidates: Mapping[str, str]) ->
 
     Returns the chosen member's name, or ``None`` if there is no candidate.
     """
-    away = [name for name, zone in candidates.items() if not (zone and zone == owner_zone)]
-    return rendezvous(token, away or candidates)
+    return choose_among(token, owner_zone, candidates.items())
+
+
+def choose_among(token: str, owner_zone: str, candidates: Iterable[tuple[str, str]]) -> str | None:
+    """:func:`choose_backup` over (name, zone) pairs (no mapping to build on a hot path)."""
+    away: list[str] = []
+    near: list[str] = []
+    for name, zone in candidates:
+        (near if zone and zone == owner_zone else away).append(name)
+    return rendezvous(token, away or near)
