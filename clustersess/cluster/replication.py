@@ -15,6 +15,7 @@ the sender can reconcile. See ``docs/PROTOCOL.md``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -170,12 +171,7 @@ class Replication:
                 return confirmed and not ctx.members.members
             if not sync:
                 self._moved.pop(entry.token, None)
-                backup = entry.backup or ""
-
-                def answered(f: asyncio.Future[m.Refusal | None]) -> None:
-                    self._settled(entry, None, backup, f)
-
-                fut.add_done_callback(answered)
+                fut.add_done_callback(functools.partial(self._settled, entry, None, entry.backup or ""))
                 return False  # async mode claims nothing
             # The future is this request's own, so it is awaited directly with a timer of
             # its own; asyncio.wait_for(shield(...)) cost five more objects per waiting
