@@ -322,10 +322,8 @@ class SessionManager:
             return None
         try:
             copy = await self.cluster.peek(token)
-        except SessionUnavailable:
-            if self._refuse:
-                self.stats.writes_refused += 1
-                raise
+        except SessionUnavailable as exc:
+            self._unavailable(exc)
             return None
         if copy is None or self.store.owned.get(token) is copy:
             return None
@@ -339,6 +337,13 @@ class SessionManager:
         copy.session = session
         copy.inflight = 1
         return Handle(session, cookie, resign, False, None, True)
+
+    def _unavailable(self, exc: SessionUnavailable) -> None:
+        """A request's session may be on a member that did not answer: refuse mode
+        answers 503 (re-raises), serve mode goes on with a fresh session."""
+        if self._refuse:
+            self.stats.writes_refused += 1
+            raise exc
 
     async def _close_lazy(self, handle: Handle) -> CookieAction:
         """End a request that read a copy: take the session over if it was used (its
@@ -436,10 +441,8 @@ class SessionManager:
             if self.cluster is not None:
                 try:
                     entry = await self.cluster.acquire(token)
-                except SessionUnavailable:
-                    if self._refuse:
-                        self.stats.writes_refused += 1
-                        raise
+                except SessionUnavailable as exc:
+                    self._unavailable(exc)
                     entry = None  # serve: a fresh session (the real one comes back on heal)
             elif entry is None:
                 return None

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
 from ..redis_url import RedisTarget
-from .redis_base import REDIS_ERRORS, Feed, Options, data_node_kwargs
+from .redis_base import REDIS_ERRORS, Feed, Options, data_node_kwargs, publish_pipelined
 
 #: seconds between two checks that the subscription is on the primary the Sentinels name
 VERIFY_EVERY = 2.0
@@ -53,10 +53,7 @@ class SentinelRedis:
         return self._pub
 
     async def publish(self, items: list[tuple[str, bytes]]) -> list[int]:
-        async with self._pub.pipeline(transaction=False) as pipe:
-            for channel, data in items:
-                pipe.publish(channel, data)
-            return [int(n) for n in await pipe.execute()]
+        return await publish_pipelined(self._pub, items)
 
     async def feeds(self, channels: list[str]) -> list[Feed]:
         self._next_verify = 0.0

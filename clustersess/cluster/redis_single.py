@@ -7,7 +7,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ..redis_url import RedisTarget
-from .redis_base import Feed, Options, data_node_kwargs
+from .redis_base import Feed, Options, data_node_kwargs, publish_pipelined
 
 
 class SingleRedis:
@@ -38,10 +38,7 @@ class SingleRedis:
         return self._pub
 
     async def publish(self, items: list[tuple[str, bytes]]) -> list[int]:
-        async with self._pub.pipeline(transaction=False) as pipe:
-            for channel, data in items:
-                pipe.publish(channel, data)
-            return [int(n) for n in await pipe.execute()]
+        return await publish_pipelined(self._pub, items)
 
     async def feeds(self, channels: list[str]) -> list[Feed]:
         return [Feed(self._sub.pubsub(), tuple(channels), sharded=False, where=self._where)]
