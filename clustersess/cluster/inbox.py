@@ -11,6 +11,7 @@ typed handler per message type. Every drop is counted; nothing raises out of her
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from . import messages as m
@@ -27,6 +28,8 @@ PENDING_MESSAGES = 512
 #: a refused incarnation is asked about again after this many seconds
 REFUSED_RECHECK = 5.0
 REFUSED_LIMIT = 1024
+#: Redis is asked this often, a heartbeat apart, before the queued messages are dropped
+ADMISSION_TRIES = 8
 
 
 class Inbox:
@@ -159,13 +162,20 @@ class Inbox:
     async def _admit(self, ident: tuple[str, str]) -> None:
         ctx = self.ctx
         name, inc = ident
-        try:
-            holder = await ctx.transport.get(ctx.claim_key(name))
-        except (TimeoutError, TransportError):
-            holder = None
-            admitted = False
+        for attempt in range(ADMISSION_TRIES):
+            try:
+                holder = await ctx.transport.get(ctx.claim_key(name))
+                break
+            except (TimeoutError, TransportError):
+                # Redis could not answer (it proves nothing about the sender): the
+                # messages keep waiting, and we ask again shortly.
+                holder = None
+                if attempt + 1 < ADMISSION_TRIES:
+                    await asyncio.sleep(ctx.timing.heartbeat)
         else:
-            admitted = holder == inc
+            self._pending.pop(ident, None)
+            return  # not refused: the sender's next message asks again
+        admitted = holder == inc
         queue = self._pending.pop(ident, [])
         if not admitted:
             ctx.stats.messages_dropped_unknown_member += len(queue)

@@ -348,6 +348,10 @@ class ClusterNode:
         )
         self.ownership.reclaim(entry.token)
 
+    def requeue(self, entry: Entry) -> None:
+        """Send ``entry``'s state to its backup with the next retry."""
+        self.outbox.requeue[entry.token] = None
+
     def health(self) -> Health:
         return self.proof.health(self._mono(), transport_up=self.transport.connected)
 
