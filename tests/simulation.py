@@ -726,7 +726,9 @@ class World:
                 self.note(f"delay {node} by 50 ms for {length}s")
                 link.delay = 0.05
                 self.loop.call_later(length, self._heal, node)
-            elif kind in ("kill", "sigterm") and not self.down and len(self.live()) == len(self.names):
+            elif kind in ("kill", "sigterm") and not self.down and len(self.live()) == len(self.names) and self.settled():
+                # One failure at a time: the cluster must have re-replicated after the last
+                # one (a second kill before that may take a session's owner and backup).
                 self.kills_before_heal += 1
                 if kind == "kill":
                     await self.kill(node)
