@@ -726,7 +726,7 @@ class World:
                 self.note(f"delay {node} by 50 ms for {length}s")
                 link.delay = 0.05
                 self.loop.call_later(length, self._heal, node)
-            elif kind in ("kill", "sigterm") and not self.down and len(self.live()) == len(self.names) and self.settled():
+            elif kind in ("kill", "sigterm") and not self.down and self.settled():
                 # One failure at a time: the cluster must have re-replicated after the last
                 # one (a second kill before that may take a session's owner and backup).
                 self.kills_before_heal += 1
@@ -880,7 +880,9 @@ class World:
         ticker.cancel()
 
     def run(self, duration: float = 20.0) -> list[str]:
-        logging.getLogger("clustersess").setLevel(logging.CRITICAL + 1 if not self.trace else logging.WARNING)
+        logger = logging.getLogger("clustersess")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL + 1 if not self.trace else logging.WARNING)
         asyncio.set_event_loop(self.loop)
         try:
             with seeded(self.rng):
@@ -894,6 +896,7 @@ class World:
                 self.loop.run_until_complete(asyncio.sleep(0))
             asyncio.set_event_loop(None)
             self.loop.close()
+            logger.setLevel(level)
         return self.errors
 
 
