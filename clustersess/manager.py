@@ -488,12 +488,22 @@ class SessionManager:
         # a logout or rotation in this request: its tombstone must be acknowledged too
         session = handle.session
         buried = session._killed or session._entry.dirty
-        rotated, session._rotated_from = session._rotated_from, None
-        changed = self._commit(handle)
-        if cluster is not None:
+        changed = self._commit_rotation(handle)
+        if cluster is None:
+            self._end_rotation(session)
+        else:
             ok = True
             if changed:
-                ok = await cluster.replicate(session._entry)
+                try:
+                    ok = await cluster.replicate(session._entry)
+                except BaseException:
+                    # (cancelled: the client is gone, and never got the new ID)
+                    rotated = self._end_rotation(session)
+                    if rotated is not None:
+                        self._unrotate(session._entry, rotated)
+                    raise
+            # The old ID stays *rotating* until here: the cluster learns of it only now.
+            rotated = self._end_rotation(session)
             if rotated is not None:
                 if ok or not self._refuse:
                     cluster.buried({rotated[0]: rotated[1]})
@@ -534,7 +544,8 @@ class SessionManager:
         """
         if self.cluster is not None:
             raise RuntimeError("close_nowait() is for a node without a cluster; await close()")
-        changed = self._commit(handle)
+        changed = self._commit_rotation(handle)
+        self._end_rotation(handle.session)
         entry = handle.session._entry
         if entry.token is handle.token and entry.owner == self.node and not self._refresh_on_write:
             return KEEP  # _cookie_out()'s common case, inlined: the request's cookie is right
@@ -585,7 +596,7 @@ class SessionManager:
         if handle.closed:
             return
         handle.closed = True
-        rotated, handle.session._rotated_from = handle.session._rotated_from, None
+        rotated = self._end_rotation(handle.session)
         if rotated is not None:
             self._unrotate(handle.session._entry, rotated)
         entry = handle.session._entry
@@ -595,6 +606,23 @@ class SessionManager:
             # contents are the committed JSON again (a read after this stays a read).
             handle.session.replace_all(codec.decode(entry.payload))
             handle.session._settle_clean()
+
+    def _commit_rotation(self, handle: Handle) -> bool:
+        """:meth:`_commit`; a rotation in a request whose value cannot be stored is undone
+        (the client keeps its cookie, and its session)."""
+        try:
+            return self._commit(handle)
+        except (SessionValueError, SessionTooLarge):
+            rotated = self._end_rotation(handle.session)
+            if rotated is not None:
+                self._unrotate(handle.session._entry, rotated)
+            raise
+
+    def _end_rotation(self, session: Session) -> tuple[str, str | None, bool] | None:
+        rotated, session._rotated_from = session._rotated_from, None
+        if rotated is not None:
+            self.store.rotating.pop(rotated[0], None)
+        return rotated
 
     def _commit(self, handle: Handle) -> bool:
         """Release the handle and store the session's new state locally if it changed;
@@ -674,8 +702,10 @@ class SessionManager:
             session._clean = False
             # The cluster hears of the old ID's death at commit, once the new ID has
             # reached the backup: a rotation then either happens or (refuse mode) does not.
-            if self.cluster is not None and session._rotated_from is None:
+            if session._rotated_from is None:
                 session._rotated_from = (old, entry.backup, was_owned)
+                if was_owned:
+                    self.store.rotating[old] = entry
 
     def _unrotate(self, entry: Entry, rotated: tuple[str, str | None, bool]) -> None:
         """Undo a rotation the cluster was never told of (its request did not commit)."""

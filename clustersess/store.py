@@ -21,6 +21,9 @@ class LocalStore:
         self.backups: dict[str, Entry] = {}
         #: token -> time until which the token is dead (invalidated or rotated away)
         self.tombstones: dict[str, float] = {}
+        #: old token -> the owned entry a request is rotating away from it; the rotation
+        #: is not committed yet (it may still be undone), so the cluster is not told
+        self.rotating: dict[str, Entry] = {}
 
     def is_dead(self, token: str, now: float) -> bool:
         until = self.tombstones.get(token)

@@ -122,8 +122,9 @@ class Candidate:
         self.payload = payload
         self.item = item  # whatever the caller wants back
 
-    def rank(self) -> tuple[int, int, str, bytes]:
-        return (self.epoch, total(self.vv), self.owner, self.payload)
+    def rank(self) -> tuple[int, int, str, bytes, VV]:
+        # the vector last: two copies alike in all else still differ in it (a total order)
+        return (self.epoch, total(self.vv), self.owner, self.payload, self.vv)
 
 
 def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, VV, list[Candidate]]:
@@ -132,8 +133,8 @@ def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, VV, list[Candida
     The winner is the copy whose vector dominates all others. If none does (writes on
     both sides of a split), the maximal copies conflict: the one of the higher epoch
     wins (the owner the cluster chose last; a fenced node's writes were never confirmed),
-    then the one with more writes, then the owner name, then the data (any total order
-    will do: every node must pick the same). ``losers`` are the maximal copies that lost, i.e.
+    then the one with more writes, then the owner name, then the data, then the vector
+    (any total order will do: every node must pick the same). ``losers`` are the maximal copies that lost, i.e.
     writes that are discarded; copies the winner dominates are not losers. The result's
     vector is the merge of all, so the choice is final: no loser can outrank it later.
     """

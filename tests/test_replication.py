@@ -501,3 +501,53 @@ async def test_concurrent_takeovers_on_two_nodes_leave_one_owner(cluster: Cluste
     )
     # The two takeovers ran one after the other: both increments landed.
     assert (await read(cluster.nodes[owners[0]], cookie))[0] == {"n": 2}
+
+
+async def test_a_takeover_during_a_rotation_waits_for_it_and_an_undone_rotation_keeps_the_session(
+    cluster: Cluster,
+) -> None:
+    # The old ID's death is not known outside the rotating node until its request commits:
+    # a FETCH or a peek in between must neither be told "dead" (the rotation may be undone)
+    # nor take the session away mid-request.
+    n1, n2, n3 = await cluster.start("n1", "n2", "n3")
+    cookie = await write(n1, None, user="ann")
+    token = token_of(n1, cookie)
+    handle = await n1.open(cookie)
+    handle.session.rotate()
+    peeked = await n3.cluster.ownership.peek(token)
+    assert peeked is not None and not n3.store.is_dead(token, cluster.clock.time())
+    taking = asyncio.ensure_future(n2.cluster.acquire(token))
+    await delivered()
+    assert not taking.done() and token in n1.store.rotating  # the holder waits for the request
+    n1.abandon(handle)  # the request failed: no login happened
+    assert token not in n1.store.rotating
+    entry = await taking
+    assert entry is not None and entry.owner == "n2" and json.loads(entry.payload) == {"user": "ann"}
+    data, is_new, _ = await read(n1, cookie)
+    assert not is_new and data == {"user": "ann"}
+
+
+async def test_a_stale_claim_steps_down_when_only_a_newer_copy_can_answer(cluster: Cluster) -> None:
+    # A node rejoining after a cut-off announces what it held (OWNED, older epoch). If the
+    # newer owner cannot answer right now, a holder of the newer owner's copy does.
+    n1, n2, n3 = await cluster.start("n1", "n2", "n3")
+    cookie = await write(n1, None, user="ann")
+    token = token_of(n1, cookie)
+    await write(n2, cookie, user="bob")  # taken over by n2: epoch 1
+    await delivered()
+    entry = n2.store.owned[token]
+    assert entry.epoch == 1 and entry.backup is not None
+    holder = cluster.nodes[entry.backup]
+    claimant = n3 if holder is n1 else n1
+    copy = holder.store.backups[token]
+    stale = Entry(
+        token=token, owner=claimant.node, created=copy.created, last_accessed=copy.last_accessed,
+        epoch=0, version=1, payload=b'{"user":"ann"}', vv=("n1", 1),
+    )  # fmt: skip
+    await cluster.crash("n2")  # silent, and not yet dropped
+    claimant.store.backups.pop(token, None)
+    claimant.store.owned[token] = stale
+    claimant.cluster.ownership.announce(stale)
+    await eventually(lambda: token not in claimant.store.owned, what="the stale claimant steps down")
+    assert claimant.store.backups[token] is stale and holder.store.backups[token].owner == "n2"
+    assert claimant.stats.stepped_down == 1

@@ -347,6 +347,22 @@ async def test_nested_bad_value_fails_the_commit_and_keeps_last_good_state(manag
     assert manager.status()["stats"]["bad_values"] == 1
 
 
+async def test_a_login_whose_value_cannot_be_stored_keeps_the_old_id_and_its_session(
+    manager: SessionManager,
+) -> None:
+    out, s = await req(manager, None, _set(user="ann", cart=[]))
+    handle = await manager.open(out)
+    handle.session.rotate()
+    handle.session["cart"].append(object())  # found only at commit
+    with pytest.raises(TypeError, match="'cart'"):
+        await cookie_after(manager, handle)
+    # Nothing was stored, the rotation included: the cookie the client holds still works.
+    out2, s2 = await req(manager, out)
+    assert out2 is None and s2.id == s.id and dict(s2) == {"user": "ann", "cart": []}
+    assert not manager.store.tombstones and not manager.store.rotating
+    assert manager.status()["stats"]["sessions_rotated"] == 0
+
+
 async def test_size_limit(clock: FakeClock) -> None:
     manager = SessionManager(Config(secret_key=SECRET, max_session_size=200), clock=clock)
     out, _ = await req(manager, None, _set(small="x"))

@@ -304,3 +304,11 @@ def test_choose_order_independence_exhaustively_for_a_split() -> None:
     copies = [cand(("a", 2)), cand(("a", 1, "b", 1), epoch=2), cand(("a", 1)), cand(("b", 1), owner="b")]
     results = {outcome(list(p)) for p in itertools.permutations(copies)}
     assert len(results) == 1
+
+
+def test_choose_breaks_a_tie_that_only_the_vectors_tell_apart() -> None:
+    # Same epoch, owner, data and number of writes, different writers (found by Hypothesis).
+    a = Candidate(("a", 1, "b", 1, "c", 1), 0, "a", b'{"x":1}')
+    b = Candidate(("a", 1, "b", 1, "d", 1), 0, "a", b'{"x":1}')
+    assert outcome([a, b]) == outcome([b, a])
+    assert v.choose([a, b])[0].vv == v.choose([b, a])[0].vv == b.vv

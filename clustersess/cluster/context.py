@@ -80,3 +80,12 @@ class ClusterContext:
     def healthy(self) -> bool:
         """Not fenced: what :meth:`~.node.ClusterNode.health` calls ok."""
         return self.transport.connected and self.proof.healthy(self.mono())
+
+    def knows_everyone(self) -> bool:
+        """Connected without a break for a drop time: every live member has been heard
+        meanwhile (one silent that long is suspected), so the member table is complete.
+        Right after joining, rejoining or reconnecting it may not be: not hearing of a
+        copy then proves nothing."""
+        now = self.mono()
+        since = self.proof.connected_stretch(now)
+        return since is not None and now - since >= self.timing.drop_time

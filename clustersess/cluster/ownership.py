@@ -183,7 +183,7 @@ class Ownership:
         # hold the session): not worth waiting for, but the round cannot be complete.
         suspected = len(ctx.members.members) > len(names)
         if not names:
-            return {}, ctx.healthy() and not suspected
+            return {}, ctx.healthy() and not suspected and ctx.knows_everyone()
         if not ctx.transport.connected:
             return {}, False
         req = os.urandom(8).hex()
@@ -209,8 +209,9 @@ class Ownership:
             ctx.warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
         finally:
             del self._rounds[req]
-        # Every member answered: whatever our own health, they all gave up what they had.
-        return rnd.replies, rnd.complete() and not rnd.unheard
+        # Every member answered: whatever our own health, they all gave up what they had
+        # (if we know every member: we may have joined a moment ago).
+        return rnd.replies, rnd.complete() and not rnd.unheard and ctx.knows_everyone()
 
     async def _take(self, token: str, replies: dict[str, m.FetchReply], complete: bool) -> Entry | None:
         ctx = self.ctx
@@ -339,6 +340,12 @@ class Ownership:
         if len(self._owned_due) == 1:
             asyncio.get_running_loop().call_soon(self._send_owned)
 
+    def _answer(self, name: str, token: str, newer: Entry) -> None:
+        """Tell member ``name``, which announced an older claim on ``token``, of ``newer``."""
+        self._answers.setdefault(name, []).append((token, newer.epoch, newer.vv))
+        if len(self._answers) == 1 and len(self._answers[name]) == 1:
+            asyncio.get_running_loop().call_soon(self._send_answers)
+
     def _send_answers(self) -> None:
         answers, self._answers = self._answers, {}
         for name, items in answers.items():
@@ -403,34 +410,45 @@ class Ownership:
     def on_fetch(self, member: Member, env: m.Envelope) -> None:
         body = env.body
         assert isinstance(body, m.Fetch)
+        self._fetch(member.name, body, wait=True)
+
+    def _fetch(self, src: str, body: m.Fetch, *, wait: bool) -> None:
         ctx = self.ctx
+        store = ctx.store
         token = body.token
-        reply = ctx.channel(member.name)
-        if ctx.store.is_dead(token, ctx.wall()):
+        reply = ctx.channel(src)
+        # A request here is rotating the session away from this ID: dead if it commits,
+        # ours again if it does not. Nobody hears of either before it ends.
+        moving = store.rotating.get(token)
+        if moving is None and store.is_dead(token, ctx.wall()):
             ctx.outbox.send(reply, m.FetchReply(body.request, token, None, dead=True))
             return
         if body.peek:
-            copy = ctx.store.owned.get(token) or ctx.store.backups.get(token)
+            copy = moving or store.owned.get(token) or store.backups.get(token)
             state = state_of(copy, ctx.wall()) if copy is not None and copy.version > 0 else None
             ctx.outbox.send(reply, m.FetchReply(body.request, token, state))
             return
-        owned = ctx.store.owned.get(token)
-        if token in self.contending and owned is None:
-            # We are taking it over ourselves right now: the other side steps aside. An
-            # owner always answers, so that a takeover never misses the owner's copy.
+        owned = store.owned.get(token)
+        if (token in self.contending and owned is None) or (moving is not None and not wait):
+            # We are taking it over ourselves right now (or still rotating it): the other
+            # side steps aside. An owner always answers, so that a takeover never misses
+            # the owner's copy.
             ctx.outbox.send(reply, m.FetchReply(body.request, token, None, busy=True))
             return
-        if owned is not None and owned.inflight > 0:
-            ctx.spawn(self._release_when_idle(member.name, body, owned), "clustersess-release")
+        held = owned or moving
+        if wait and held is not None and (held.inflight > 0 or moving is not None):
+            ctx.spawn(self._release_when_idle(src, body, held), "clustersess-release")
             return
-        self._answer_fetch(member.name, body)
+        self._answer_fetch(src, body)
 
     async def _release_when_idle(self, src: str, body: m.Fetch, entry: Entry) -> None:
-        # Let requests in flight here commit before the session leaves (bounded).
-        deadline = self.ctx.mono() + self.ctx.timing.release_wait
-        while entry.inflight > 0 and self.ctx.mono() < deadline:
+        # Let requests in flight here commit before the session leaves (bounded): a
+        # rotation until its request decided whether it happened.
+        ctx = self.ctx
+        deadline = ctx.mono() + ctx.timing.release_wait
+        while (entry.inflight > 0 or body.token in ctx.store.rotating) and ctx.mono() < deadline:
             await asyncio.sleep(0.002)
-        self._answer_fetch(src, body)
+        self._fetch(src, body, wait=False)
 
     def _answer_fetch(self, src: str, body: m.Fetch) -> None:
         ctx = self.ctx
@@ -479,13 +497,16 @@ class Ownership:
             if released is not None and epoch > released:
                 del self._released[token]  # the taker we gave it to owns it now
             mine = store.owned.get(token)
+            moving = store.rotating.get(token)
+            if moving is not None and mine is None:
+                if moving.epoch > epoch:
+                    self._answer(member.name, token, moving)  # a rotation here is newer still
+                continue
             if mine is not None:
                 if mine.epoch > epoch or (mine.epoch == epoch and ctx.name < member.name):
                     # Ours is the newer claim (or wins the tie): tell the claimant, which
                     # steps down (a node rejoining after a cut-off announces what it held).
-                    self._answers.setdefault(member.name, []).append((token, mine.epoch, mine.vv))
-                    if len(self._answers) == 1 and len(self._answers[member.name]) == 1:
-                        asyncio.get_running_loop().call_soon(self._send_answers)
+                    self._answer(member.name, token, mine)
                     continue
                 if token in self.contending:
                     continue  # our own takeover decides
@@ -497,7 +518,13 @@ class Ownership:
                     self.reclaim(token)  # we hold writes the new owner lacks
                 continue
             copy = store.backups.get(token)
-            if copy is None or copy.epoch >= epoch:
+            if copy is None or copy.epoch == epoch:
+                continue
+            if copy.epoch > epoch:
+                if copy.owner != member.name:
+                    # A copy of a newer owner's: the claimant is stale (it rejoined after a
+                    # cut-off, say) and steps down, even if that owner cannot answer now.
+                    self._answer(member.name, token, copy)
                 continue
             # A copy the new owner's data dominates stays until the owner says its backup
             # has the session (DROP): the announcement alone proves nothing was copied.

@@ -373,6 +373,14 @@ class Replication:
             member.leaving = True  # never pick it as a backup again
         for st in body.sessions:
             token = st.token
+            moving = store.rotating.get(token)
+            if moving is not None:
+                # Ours, being rotated away by a request that has not committed: its death
+                # is not news yet. An older owner steps down; a newer one takes it over
+                # again, and our FETCH answer waits for the request.
+                why = m.Refused.SUPERSEDED if st.epoch < moving.epoch else m.Refused.DIVERGED
+                refusals.append(m.Refusal(token, why, moving.epoch, moving.vv))
+                continue
             if store.is_dead(token, now):
                 ctx.stats.messages_dropped_stale += 1
                 refusals.append(m.Refusal(token, m.Refused.DEAD, 0, ()))
@@ -542,7 +550,11 @@ class Replication:
         # Logouts of the gap's length, with what is left of their lifetime.
         now = ctx.wall()
         young = now + ctx.timing.tombstone_ttl - since - margin
-        items = [(t, until - now) for t, until in ctx.store.tombstones.items() if until > now and until >= young]
+        items = [
+            (t, until - now)
+            for t, until in ctx.store.tombstones.items()
+            if until > now and until >= young and t not in ctx.store.rotating  # (not dead before it commits)
+        ]
         for i in range(0, len(items), ITEMS_PER_MESSAGE):
             ctx.outbox.send(ctx.channel(name), m.Invalidate(tuple(items[i : i + ITEMS_PER_MESSAGE])))
 

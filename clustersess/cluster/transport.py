@@ -280,7 +280,10 @@ class RedisTransport:
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)
-        errors = [t.exception() for t in done if not t.cancelled()]
+            # Retrieved even when we are being cancelled (a reader that failed as the node
+            # closed its connections): otherwise asyncio logs "never retrieved" at exit.
+            failed = {t: t.exception() for t in tasks if not t.cancelled()}
+        errors = [failed[t] for t in done if t in failed]
         raise next((e for e in errors if e is not None), _Lost("a subscription task ended"))
 
     async def _subscribe(self, feed: Feed, early: list[tuple[str, bytes]]) -> None:
