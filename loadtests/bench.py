@@ -272,9 +272,15 @@ class Running:
     cookie: str = ""  # "name=value" of the session under test
 
 
-def start_contender(name: str, contender: Contender, ctx: Mapping[str, Any], logdir: str) -> Running:
+def start_contender(
+    name: str, contender: Contender, ctx: Mapping[str, Any], logdir: str, tree: str | None = None
+) -> Running:
+    """Start ``contender``'s servers; with ``tree`` (another checkout of this repository,
+    e.g. a git worktree of an earlier commit), its clustersess and ``loadtests/`` apps."""
     ports = [free_port() for _ in contender.servers]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("CLUSTERSESS_", "BENCH_"))}
+    if tree is not None:
+        base_env["PYTHONPATH"] = os.path.abspath(tree)
     procs: list[Proc] = []
     try:
         for i, (server, port) in enumerate(zip(contender.servers, ports)):
@@ -289,7 +295,7 @@ def start_contender(name: str, contender: Contender, ctx: Mapping[str, Any], log
                 "uvicorn",
                 "--factory",
                 "--app-dir",
-                HERE,
+                HERE if tree is None else os.path.join(os.path.abspath(tree), "loadtests"),
                 server.app,
                 "--host",
                 "127.0.0.1",
@@ -416,12 +422,14 @@ def services_running(names: list[str], logdir: str) -> Iterator[tuple[dict[str, 
 
 
 @contextlib.contextmanager
-def running(names: list[str], ctx: Mapping[str, Any], logdir: str, tag: str) -> Iterator[dict[str, Running]]:
+def running(
+    names: list[str], ctx: Mapping[str, Any], logdir: str, tag: str, tree: str | None = None
+) -> Iterator[dict[str, Running]]:
     """Start the contenders' servers (fresh processes, named with ``tag``) and their sessions."""
     runs: dict[str, Running] = {}
     try:
         for name in names:
-            runs[name] = start_contender(name, CONTENDERS[name], {**ctx, "round": tag}, logdir)
+            runs[name] = start_contender(name, CONTENDERS[name], {**ctx, "round": tag}, logdir, tree)
             create_session(runs[name])
         yield runs
     finally:

@@ -15,8 +15,16 @@ For a clustered contender the ratio covers the node wrk drives (its peer runs on
 Servers restart every round, as in ``bench.py``, whose contenders, apps and helpers this
 reuses.
 
+With ``--against TREE`` the other side is not the baseline but the same contender run
+from another checkout of this repository (a git worktree of an earlier commit): the
+before/after comparison of a change, in one run, on the same core at the same moments.
+The cost ratio is then TREE's CPU per request over this tree's (above 1: this tree is
+cheaper).
+
     python3 loadtests/cost_ratio.py                                  # clustersess, read and write, 6 rounds x 3 s
     python3 loadtests/cost_ratio.py --only clustersess,clustersess-sync --tests read
+    git worktree add /tmp/before <commit>
+    python3 loadtests/cost_ratio.py --only clustersess-sync --tests write --against /tmp/before
 """
 
 from __future__ import annotations
@@ -60,7 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=int, default=3, help="whole seconds per measured run (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="whole seconds of unmeasured load first (default 1)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections per server (default 32)")
+    parser.add_argument(
+        "--against", metavar="TREE", help="compare with the same contender from another checkout, not the baseline"
+    )
     args = parser.parse_args(argv)
+    if args.against and not os.path.isfile(os.path.join(args.against, "clustersess", "__init__.py")):
+        raise SystemExit(f"--against {args.against}: not a checkout of this repository")
+    side = "before" if args.against else "baseline"
     names = args.only.split(",")
     unknown = [n for n in names if n not in bench.CONTENDERS]
     if unknown:
@@ -77,10 +91,11 @@ def main(argv: list[str] | None = None) -> None:
                 for name in names:
                     # The baseline gets its own fresh process per pairing; "baseline" as the
                     # contender is the A/A check.
-                    with bench.running(["baseline"], ctx, tmp, f"r{rnd + 1}a") as a, bench.running(
+                    first = name if args.against else "baseline"
+                    with bench.running([first], ctx, tmp, f"r{rnd + 1}a", args.against) as a, bench.running(
                         [name], ctx, tmp, f"r{rnd + 1}b"
                     ) as b:
-                        base, other = a["baseline"], b[name]
+                        base, other = a[first], b[name]
                         for test in tests:
                             if args.warmup > 0:
                                 side_by_side(base, other, test, duration=args.warmup, **wrk)
@@ -90,20 +105,21 @@ def main(argv: list[str] | None = None) -> None:
                             ratios[name, test].append((cost, share))
                             print(
                                 f"  round {rnd + 1}/{args.rounds}  {name:<18} {test:<5}"
-                                f" baseline {rb['rps']:7.0f} req/s {rb['cpu_us']:6.1f} us/req |"
+                                f" {side} {rb['rps']:7.0f} req/s {rb['cpu_us']:6.1f} us/req |"
                                 f" {ro['rps']:7.0f} req/s {ro['cpu_us']:6.1f} us/req | cost ratio {cost:.3f}",
                                 file=sys.stderr,
                                 flush=True,
                             )
+    against = f" ({args.against})" if args.against else ""
     print(
         f"\nside by side on CPU 0, {args.rounds} rounds x {args.duration} s, wrk -t1 -c{args.connections} each on CPU 1;"
-        " cost ratio = baseline CPU per request / contender CPU per request\n"
+        f" cost ratio = {side}{against} CPU per request / contender CPU per request\n"
     )
     print("| contender | test | cost ratio (median) | min | max | req/s ratio (median) |")
     print("|---|---|---:|---:|---:|---:|")
     for (name, test), rows in ratios.items():
         costs = [c for c, _ in rows]
-        target = TARGETS.get((name, test))
+        target = None if args.against else TARGETS.get((name, test))
         mark = "" if target is None else f" ({'meets' if statistics.median(costs) >= target else 'misses'} {target:.2f}x)"
         print(
             f"| {bench.CONTENDERS[name].label} | {test} | {statistics.median(costs):.3f}{mark} | {min(costs):.3f} |"
