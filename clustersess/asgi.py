@@ -166,20 +166,6 @@ class ClusterSessionMiddleware:
         # awaiting anything. The slow path (_finish) makes the same decision: a property
         # test (tests/test_cookie_decision.py) holds the two to the same headers.
 
-        refused = False
-
-        async def finish_and_send(message: Message) -> None:
-            # A clustered commit: awaits the backup's ack. If the change cannot be
-            # confirmed and the node refuses such writes, a 503 replaces the app's response.
-            nonlocal refused
-            try:
-                await self._finish(handle, message)
-            except ReplicationUnavailable as exc:
-                refused = True
-                await self._refuse(handle, exc, send)
-                return
-            await send(message)
-
         def send_wrapper(message: Message) -> Any:
             if message["type"] == "http.response.start":
                 if manager.close_local(handle):  # unchanged, cookie current
@@ -187,7 +173,7 @@ class ClusterSessionMiddleware:
                 elif manager.cluster is None:
                     action = manager.close_nowait(handle)
                 else:
-                    return finish_and_send(message)
+                    return self._finish_and_send(handle, message, send)
                 if action is not KEEP:
                     self._add_headers(handle, action, message)
                 elif handle.session.accessed:
@@ -202,7 +188,7 @@ class ClusterSessionMiddleware:
                                 break
                         else:
                             headers.append(_VARY)
-            elif refused:
+            elif handle.refused:
                 return _nothing()  # the app's body of a response replaced by a 503
             return send(message)
 
@@ -278,6 +264,17 @@ class ClusterSessionMiddleware:
             self._add_headers(handle, action, message)
         await send(message)
         await send({"type": "http.response.body", "body": b"session change could not be replicated; retry\n"})
+
+    async def _finish_and_send(self, handle: Handle, message: Message, send: Any) -> None:
+        """A clustered commit: awaits the backup's ack. If the change cannot be confirmed
+        and the node refuses such writes, a 503 replaces the app's response."""
+        try:
+            await self._finish(handle, message)
+        except ReplicationUnavailable as exc:
+            handle.refused = True
+            await self._refuse(handle, exc, send)
+            return
+        await send(message)
 
     async def _finish(self, handle: Handle, message: Message) -> None:
         """Commit (awaiting the cluster) and write the cookie headers for the outcome."""

@@ -76,8 +76,9 @@ def encode(data: dict[str, Any], *, limit: int | None = None, scalars: bool | No
             else:
                 # orjson (3.12+) returns a bytes object whose buffer is at least 4 KiB and
                 # never trimmed: stored as is, a 12-byte session would cost 4 KiB. Keep an
-                # exact-size copy (about 0.3 us for 1 KiB).
-                raw = bytes(memoryview(raw))
+                # exact-size copy: %-formatting allocates exactly the result's size, at a
+                # third of the cost of bytes(memoryview(raw)).
+                raw = b"%b" % raw
     if raw is None:
         try:
             raw = _dumps(data).encode("utf-8")

@@ -69,6 +69,8 @@ class Handle:
     #: the session is a copy read from its owner elsewhere (lazy ownership): taken over
     #: at the end of the request only if the request used it
     lazy: bool = False
+    #: the adapter answered 503 instead of the app's response (its body is dropped)
+    refused: bool = False
 
 
 _new_handle = object.__new__
@@ -408,7 +410,7 @@ class SessionManager:
         handle = _new_handle(Handle)
         handle.session = session
         handle.cookie_in = cookie
-        handle.resign = handle.closed = handle.lazy = False
+        handle.resign = handle.closed = handle.lazy = handle.refused = False
         handle.token = entry.token
         return handle
 
@@ -544,8 +546,11 @@ class SessionManager:
         """
         if self.cluster is not None:
             raise RuntimeError("close_nowait() is for a node without a cluster; await close()")
-        changed = self._commit_rotation(handle)
-        self._end_rotation(handle.session)
+        if handle.session._rotated_from is None:
+            changed = self._commit(handle)
+        else:
+            changed = self._commit_rotation(handle)
+            self._end_rotation(handle.session)
         entry = handle.session._entry
         if entry.token is handle.token and entry.owner == self.node and not self._refresh_on_write:
             return KEEP  # _cookie_out()'s common case, inlined: the request's cookie is right

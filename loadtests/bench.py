@@ -25,6 +25,7 @@ the same test and round, seconds apart, and the table shows the median of those 
 
     python3 loadtests/bench.py                       # everything, 3 rounds x 5 s
     python3 loadtests/bench.py --only clustersess --rounds 5 --json out.json
+    python3 loadtests/bench.py --only clustersess-sync --tests write --against /tmp/before  # before/after
 """
 
 from __future__ import annotations
@@ -160,6 +161,24 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
+#: contender name -> the checkout it runs from (``--against``: "<name>-before" entries)
+TREES: dict[str, str] = {}
+
+
+def add_before(names: list[str], tree: str) -> list[str]:
+    """For ``--against TREE``: each contender also runs from TREE, as "<name>-before"."""
+    out = list(names)
+    for name in names:
+        if name == "baseline":
+            continue
+        before = f"{name}-before"
+        contender = CONTENDERS[name]
+        CONTENDERS[before] = dataclasses.replace(contender, label=f"{contender.label} (before: {tree})", default=False)
+        TREES[before] = tree
+        out.append(before)
+    return out
+
+
 # -- processes --------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -279,6 +298,7 @@ def start_contender(
     e.g. a git worktree of an earlier commit), its clustersess and ``loadtests/`` apps."""
     ports = [free_port() for _ in contender.servers]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("CLUSTERSESS_", "BENCH_"))}
+    tree = tree if tree is not None else TREES.get(name)
     if tree is not None:
         base_env["PYTHONPATH"] = os.path.abspath(tree)
     procs: list[Proc] = []
@@ -518,6 +538,8 @@ def measure_one(
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     names = select(args.only)
+    if getattr(args, "against", None):
+        names = add_before(names, args.against)
     tests = [t for t in TESTS if t in args.tests.split(",")]
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {(n, t): [] for n in names for t in tests}
     counts: dict[str, dict[str, int]] = {n: {"requests": 0, "increments": 0} for n in names}
@@ -575,6 +597,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             row["rounds_ratio"] = [round(r["rps"] / b["rps"], 3) for r, b in pairs]
         if "write" in tests:
             summary[name]["write"]["writes_landed"] = counts[name]
+    for name in names:
+        if f"{name}-before" not in names:
+            continue
+        for test in tests:
+            # this tree against the earlier one, paired by round like the baseline ratios
+            pairs = list(zip(samples[name, test], samples[f"{name}-before", test]))
+            summary[name][test]["vs_before"] = statistics.median(r["rps"] / b["rps"] for r, b in pairs)
+            summary[name][test]["cpu_vs_before"] = statistics.median(b["cpu_us"] / r["cpu_us"] for r, b in pairs)
+            summary[name][test]["rounds_vs_before"] = [round(r["rps"] / b["rps"], 3) for r, b in pairs]
     return {
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
         "machine": machine_info(),
@@ -672,6 +703,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help=f"comma-separated contenders (baseline always runs): {', '.join(CONTENDERS)}")
     parser.add_argument("--tests", default=",".join(TESTS), help="comma-separated: read,write (default both)")
     parser.add_argument("--json", metavar="PATH", help="also write every sample and the medians as JSON")
+    parser.add_argument(
+        "--against",
+        metavar="TREE",
+        help="also run each contender from another checkout (e.g. a git worktree of an earlier commit) as <name>-before",
+    )
     parser.add_argument("--list", action="store_true", help="list the contenders and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -683,8 +719,23 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"needs {' and '.join(missing)} (Debian: apt-get install -y wrk util-linux)")
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs at least 2 CPUs: the server and wrk are pinned to different cores")
+    if args.against and not os.path.isfile(os.path.join(args.against, "clustersess", "__init__.py")):
+        raise SystemExit(f"--against {args.against}: not a checkout of this repository")
     result = measure(args)
     print(table(result))
+    befores = [
+        (name, test, row)
+        for name, tests in result["summary"].items()
+        for test, row in tests.items()
+        if "vs_before" in row
+    ]
+    if befores:
+        print(f"\nthis tree against {args.against} (paired per round, medians):\n")
+        print("| contender | test | req/s ratio | CPU/request ratio (before / now) | per round |")
+        print("|---|---|---:|---:|---|")
+        for name, test, row in befores:
+            rounds = " ".join(f"{r:.3f}" for r in row["rounds_vs_before"])
+            print(f"| {name} | {test} | {row['vs_before']:.3f} | {row['cpu_vs_before']:.3f} | {rounds} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -119,6 +119,9 @@ class ClusterNode:
             spawn=self._spawn,
         )
         self.replication = Replication(ctx)
+        #: replicate a committed session; True if it is confirmed (see Replication). The
+        #: component's own method, not a wrapper: one coroutine less on every write.
+        self.replicate = self.replication.replicate
         self.ownership = Ownership(ctx, self.replication)
         self.replication.reclaim = self.ownership.reclaim
         self.replication.take_handoff = self.ownership.take_handoff
@@ -320,10 +323,6 @@ class ClusterNode:
     async def peek(self, token: str) -> Entry | None:
         """The newest copy of ``token``, read without taking it over (lazy ownership)."""
         return await self.ownership.peek(token)
-
-    async def replicate(self, entry: Entry) -> bool:
-        """Replicate a committed session; True if it is confirmed (see Replication)."""
-        return await self.replication.replicate(entry)
 
     def can_replicate(self, token: str | None = None) -> bool:
         """False while fenced, or while the ownership of ``token`` is unconfirmed (taken
