@@ -9,6 +9,7 @@ They complement, not replace, the real-process tests in ``test_cluster.py``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
@@ -551,3 +552,46 @@ async def test_a_stale_claim_steps_down_when_only_a_newer_copy_can_answer(cluste
     await eventually(lambda: token not in claimant.store.owned, what="the stale claimant steps down")
     assert claimant.store.backups[token] is stale and holder.store.backups[token].owner == "n2"
     assert claimant.stats.stepped_down == 1
+
+
+async def test_a_rejoining_claim_on_a_logged_out_session_is_told_it_is_dead(cluster: Cluster) -> None:
+    # The logout's broadcast did not reach a node that was cut off and still holds the
+    # session; when it rejoins and announces what it holds, members that buried it say so.
+    n1, _n2, n3 = await cluster.start("n1", "n2", "n3")
+    cookie = await write(n1, None, user="ann")
+    token = token_of(n1, cookie)
+    await delivered()
+    stale = dataclasses.replace(n1.store.owned[token], owner="n3", session=None, inflight=0)
+    handle = await n1.open(cookie)
+    handle.session.invalidate()
+    assert await cookie_after(n1, handle) == DELETED
+    await delivered()
+    assert n3.store.is_dead(token, cluster.clock.time())
+    n3.store.tombstones.pop(token)  # as if n3 never heard of the logout
+    n3.store.backups.pop(token, None)
+    n3.store.owned[token] = stale
+    n3.cluster.ownership.announce(stale)
+    await eventually(lambda: n3.store.is_dead(token, cluster.clock.time()), what="the claimant buries it")
+    assert token not in n3.store.owned
+    data, is_new, _ = await read(n3, cookie)
+    assert is_new and data == {}
+
+
+async def test_a_copy_follows_its_session_to_a_new_owner(cluster: Cluster) -> None:
+    # A holder whose copy the new owner's data dominates keeps it (until DROP), as a copy
+    # of the new owner's: if the former owner is found dead later, nobody adopts it from
+    # there while the new owner holds it.
+    n1, n2, n3 = await cluster.start("n1", "n2", "n3")
+    cookie = await write(n1, None, user="ann")
+    token = token_of(n1, cookie)
+    await delivered()
+    backup = n1.store.owned[token].backup
+    assert backup is not None
+    holder = cluster.nodes[backup]
+    taker = n3 if holder is n2 else n2
+    await write(taker, cookie, user="bob")
+    await delivered()
+    assert token in taker.store.owned
+    copy = holder.store.backups.get(token)
+    assert copy is not None and copy.owner == taker.node
+    assert await holder.cluster.ownership.adopt_from("n1") == 0

@@ -832,6 +832,30 @@ async def test_an_incarnation_that_does_not_hold_its_claim_is_never_admitted(
     assert TOKEN in n1.store.backups
 
 
+async def test_a_hello_once_the_claim_is_held_is_admitted_before_the_recheck_delay(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node that rejoins answers messages under its new incarnation before Redis has
+    # its claim (Redis refusing writes, say): refused. Its hello, sent once it holds the
+    # claim, must not wait out REFUSED_RECHECK: what follows it (its OWNED announcements)
+    # is sent once only.
+    n1, node, peer = await one_node(cluster)
+    peer.claim("someone-else")
+    await peer.send(node.ch_me, m.Replicate((state(),)), seq=1)
+    await eventually(lambda: n1.stats.messages_dropped_unknown_member == 1, what="admission refused")
+    peer.claim()
+    await peer.send(node.ch_me, m.Replicate((state(),)), seq=2)  # no new lookup yet
+    assert n1.stats.messages_dropped_unknown_member == 2
+    await peer.send(peer.all, peer.heartbeat(hello=True), seq=3)  # too soon after the refusal
+    assert n1.stats.messages_dropped_unknown_member == 3
+    monkeypatch.setattr(inbox, "HELLO_RECHECK", 0.0)
+    await peer.send(peer.all, peer.heartbeat(hello=True), seq=4)
+    await peer.send(node.ch_me, m.Replicate((state(),)), seq=5)  # queued behind the lookup
+    await eventually(lambda: node.members.current(peer.name, peer.incarnation) is not None, what="peer admitted")
+    await eventually(lambda: TOKEN in n1.store.backups, what="the queued REPLICATE applied")
+    assert n1.stats.messages_dropped_unknown_member == 3
+
+
 async def test_our_own_name_from_another_incarnation_is_never_applied(cluster: Cluster) -> None:
     n1, node, _ = await one_node(cluster)
     seen = spy(node)

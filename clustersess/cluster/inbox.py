@@ -27,6 +27,8 @@ PENDING_LIMIT = 16
 PENDING_MESSAGES = 512
 #: a refused incarnation is asked about again after this many seconds
 REFUSED_RECHECK = 5.0
+#: ... but a hello heartbeat from it (it just took its name) is checked after this long
+HELLO_RECHECK = 1.0
 REFUSED_LIMIT = 1024
 #: Redis is asked this often, a heartbeat apart, before the queued messages are dropped
 ADMISSION_TRIES = 8
@@ -143,11 +145,16 @@ class Inbox:
             ctx.stats.messages_dropped_stale += 1
             self._on_retired_sender(*ident)  # it may not know: tell it (rate-limited)
             return
-        refused_at = self._refused.get(ident)
-        if refused_at is not None and ctx.mono() - refused_at < REFUSED_RECHECK:
-            ctx.stats.messages_dropped_unknown_member += 1
-            return
         queue = self._pending.get(ident)
+        refused_at = self._refused.get(ident)
+        if queue is None and refused_at is not None:
+            age = ctx.mono() - refused_at
+            # A hello says "I have just taken my name": worth asking Redis again before
+            # the recheck time (a node refused while it rejoined, say), at most so often.
+            hello = isinstance(env.body, m.Heartbeat) and env.body.hello and age >= HELLO_RECHECK
+            if age < REFUSED_RECHECK and not hello:
+                ctx.stats.messages_dropped_unknown_member += 1
+                return
         if queue is None:
             if len(self._pending) >= PENDING_LIMIT:
                 ctx.stats.messages_dropped_unknown_member += 1

@@ -537,12 +537,16 @@ class ClusterNode:
             return
         proof.state = State.REJOINING
         proof.reason = "its sessions were adopted while it was cut off; rejoining"
+        # What we missed goes back to before our lease last held (it lapsed meanwhile).
+        held = proof.lease_until - (self.timing.lease_ttl - self.timing.lease_margin)
         proof.lapse()
         self.stats.rejoins += 1
         log.warning("clustersess: this node's sessions were adopted while it was cut off; rejoining")
         self.incarnation = new_incarnation()
         self.outbox.new_life(self.incarnation)  # unacknowledged sessions are requeued
-        self.replication.request_resync(self._mono() - self._last_traffic + self.timing.drop_time)
+        now = self._mono()
+        away = max(now - self._last_traffic, now - held if held > float("-inf") else 0.0)
+        self.replication.request_resync(away + self.timing.drop_time)
         await self._claim()  # if Redis cannot answer now, the heartbeat task keeps trying
 
     def _suspect(self, now: float) -> None:

@@ -492,7 +492,14 @@ class Ownership:
         assert isinstance(body, m.Owned)
         ctx = self.ctx
         store = ctx.store
+        now = ctx.wall()
+        dead: list[tuple[str, float]] = []
         for token, epoch, vv in body.items:
+            if token in store.tombstones and token not in store.rotating and store.is_dead(token, now):
+                # Logged out (or rotated away) while the claimant could not hear it: a
+                # node rejoining after a cut-off announces what it held. Tell it.
+                dead.append((token, store.tombstones[token] - now))
+                continue
             released = self._released.get(token)
             if released is not None and epoch > released:
                 del self._released[token]  # the taker we gave it to owns it now
@@ -530,6 +537,12 @@ class Ownership:
             # has the session (DROP): the announcement alone proves nothing was copied.
             if not versions.dominates(vv, copy.vv):
                 self.reclaim(token)  # an acknowledged write the new owner lacks
+            else:
+                # ...but it is a copy of the new owner's session now: if its former owner
+                # is found dead later, adopting it would claim what another member owns.
+                copy.owner = member.name
+        for i in range(0, len(dead), ITEMS_PER_MESSAGE):
+            ctx.outbox.send(ctx.channel(member.name), m.Invalidate(tuple(dead[i : i + ITEMS_PER_MESSAGE])))
 
     # == adoption and hand-off =================================================================
     async def adopt_from(self, name: str) -> int:

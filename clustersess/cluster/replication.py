@@ -24,6 +24,7 @@ from .. import versions
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
+from .health import State
 from .membership import Member
 from .outbox import NoReceiver, NotOwner, consume
 from .transport import TransportError
@@ -97,7 +98,9 @@ class Replication:
         self._resync_waiting: dict[str, float] = {}
         self._last_resync_request = float("-inf")
         self._resync_due = False
-        self._resync_since = 0.0
+        #: start (monotonic) of the earliest gap not yet asked about: the request sent
+        #: covers until now, however long it waited (a rejoin while Redis refuses writes)
+        self._resync_from: float | None = None
         self._rebalance_due = asyncio.Event()
         #: members whose copies were lost (they restarted): every session they backed up
         #: goes to its backup again
@@ -354,9 +357,17 @@ class Replication:
         due, self._tombstones_due = self._tombstones_due, {}
         now = ctx.wall()
         by_backup: dict[str, list[str]] = {}
+        items: list[tuple[str, float]] = []
         for t, backup in due.items():
-            if ctx.store.is_dead(t, now) and backup in ctx.members.members:
-                by_backup.setdefault(backup, []).append(t)
+            if ctx.store.is_dead(t, now):
+                items.append((t, ctx.store.tombstones[t] - now))
+                if backup in ctx.members.members:
+                    by_backup.setdefault(backup, []).append(t)
+        # To everyone again, too: the broadcast was most likely lost the same way (a node
+        # cut off while it logged a user out), and the session may have been taken over
+        # meanwhile by a member that is not its backup.
+        for i in range(0, len(items), ITEMS_PER_MESSAGE):
+            ctx.outbox.send(ctx.ch_all, m.Invalidate(tuple(items[i : i + ITEMS_PER_MESSAGE])))
         for backup, ts in by_backup.items():
             self._invalidate_at(backup, ts, awaited=False)
 
@@ -497,7 +508,9 @@ class Replication:
         """We may have missed ``since`` seconds of messages: ask the owners. Rate-limited
         (a burst of gaps costs one request, asking for the longest of them) and
         reliable: a request that could not be published is sent again."""
-        self._resync_since = max(self._resync_since, since)
+        start = self.ctx.mono() - since
+        if self._resync_from is None or start < self._resync_from:
+            self._resync_from = start
         self._resync_due = True
         self.send_resync()
 
@@ -507,8 +520,13 @@ class Replication:
         now = ctx.mono()
         if not self._resync_due or now - self._last_resync_request < ctx.timing.resync_interval:
             return
+        if ctx.proof.state is not State.HEALTHY:
+            # Joining or rejoining: members admit this incarnation only once it holds our
+            # name, and would drop the request meanwhile (while counting it as heard).
+            return
         self._last_resync_request = now
-        since, self._resync_since = self._resync_since, 0.0
+        start, self._resync_from = self._resync_from, None
+        since = 0.0 if start is None else now - start
         self._resync_due = False
         ctx.stats.resyncs_requested += 1
         fut = ctx.outbox.send(ctx.ch_all, m.Resync(since), counted=True)
@@ -517,7 +535,8 @@ class Replication:
         def done(f: asyncio.Future[int]) -> None:
             if f.cancelled() or f.exception() is not None or f.result() <= 1:
                 # Not published, or nobody but us heard it: ask again next time.
-                self._resync_since = max(self._resync_since, since)
+                if start is not None and (self._resync_from is None or start < self._resync_from):
+                    self._resync_from = start
                 self._resync_due = True
 
         fut.add_done_callback(done)
