@@ -257,6 +257,8 @@ class ClusterNode:
             return "taken"
         self.proof.renewed(sent)
         rejoined = self.proof.state is State.REJOINING
+        if rejoined:
+            self.outbox.new_life(self.incarnation)
         if self.proof.state in (State.JOINING, State.REJOINING):
             self.proof.state = State.HEALTHY
             self.proof.reason = ""
@@ -543,7 +545,9 @@ class ClusterNode:
         self.stats.rejoins += 1
         log.warning("clustersess: this node's sessions were adopted while it was cut off; rejoining")
         self.incarnation = new_incarnation()
-        self.outbox.new_life(self.incarnation)  # unacknowledged sessions are requeued
+        # Messages carry the new incarnation only once it holds our name (see _claim):
+        # members would refuse it before, and keep refusing it for a while.
+        self.outbox.abandon_acks()  # unacknowledged sessions are requeued
         now = self._mono()
         away = max(now - self._last_traffic, now - held if held > float("-inf") else 0.0)
         self.replication.request_resync(away + self.timing.drop_time)

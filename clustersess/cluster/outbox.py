@@ -141,6 +141,10 @@ class Outbox:
         acknowledged is requeued (nobody will acknowledge it to the old life)."""
         self.incarnation = incarnation
         self._seq.clear()
+        self.abandon_acks()
+
+    def abandon_acks(self) -> None:
+        """Nobody will acknowledge what this life sent (it was retired): requeue it."""
         for key in list(self._acks):
             self._fail(key, NotOwner())
 
