@@ -8,6 +8,9 @@ node's memory figures and can expire sessions on demand).
   and backs up, and the bytes of their stored JSON payloads.
 * ``POST /debug/tracemalloc?on=1`` starts tracemalloc, ``?on=0`` stops it (and frees
   its traces); answers the traced bytes at that moment.
+* ``POST /debug/release`` runs the sweeper's release pass now: sessions not in use drop
+  their decoded object and keep only their stored JSON (the sweeper task does this to
+  sessions idle for ``min(60 s, max_inactive / 4)``); answers how many it released.
 * ``POST /debug/expire?created_from=T0&created_to=T1`` makes every session this node
   owns or backs up that was created in [T0, T1] (this host's wall clock) idle for longer
   than ``max_inactive``, as if nobody had used them since, then runs the manager's own
@@ -92,8 +95,18 @@ async def expire(request: Request) -> Response:
     return JSONResponse(counts)
 
 
+async def release(request: Request) -> Response:
+    manager = _manager(request)
+    before = sum(1 for e in manager.store.owned.values() if e.session is not None)
+    # the sweeper's own pass, with "idle for 0 s" as the release threshold
+    await manager.store.sweep_chunked(manager.clock.time(), manager.config.max_inactive, 0.0)
+    after = sum(1 for e in manager.store.owned.values() if e.session is not None)
+    return JSONResponse({"released": before - after})
+
+
 routes = [
     *demo_routes,
+    Route("/debug/release", release, methods=["POST"]),
     Route("/debug/memory", memory),
     Route("/debug/tracemalloc", trace, methods=["POST"]),
     Route("/debug/expire", expire, methods=["POST"]),

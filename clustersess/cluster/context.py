@@ -82,10 +82,14 @@ class ClusterContext:
         return self.transport.connected and self.proof.healthy(self.mono())
 
     def knows_everyone(self) -> bool:
-        """Connected without a break for a drop time: every live member has been heard
-        meanwhile (one silent that long is suspected), so the member table is complete.
-        Right after joining, rejoining or reconnecting it may not be: not hearing of a
-        copy then proves nothing."""
-        now = self.mono()
-        since = self.proof.connected_stretch(now)
-        return since is not None and now - since >= self.timing.drop_time
+        """The member table is complete: our heartbeats have made the round trip over a
+        stretch of one and a half heartbeat intervals. Every live member publishes a
+        heartbeat each interval, and Redis delivers what was published before our own
+        heartbeat before its echo, so we have heard them all. Right after joining,
+        rejoining or reconnecting (or while Redis stalls) the table may be incomplete:
+        hearing of nobody then proves nothing."""
+        proof = self.proof
+        since = proof.connected_stretch(self.mono())
+        if since is None or proof.echo_sent is None:
+            return False
+        return proof.echo_sent - since >= 1.5 * self.timing.heartbeat

@@ -124,6 +124,7 @@ class ClusterNode:
         self.replicate = self.replication.replicate
         self.ownership = Ownership(ctx, self.replication)
         self.replication.reclaim = self.ownership.reclaim
+        self.replication.reclaiming = self.ownership.reclaiming
         self.replication.take_handoff = self.ownership.take_handoff
         self.replication.unconfirmed = self.ownership.unconfirmed
         self.inbox = Inbox(
@@ -240,6 +241,12 @@ class ClusterNode:
             "clustersess: node %s joined cluster %s (incarnation %s, %s replication)",
             self.name, self.config.cluster_name, self.incarnation, self.config.replication,
         )  # fmt: skip
+        # Serve once every member has been heard (ClusterContext.knows_everyone): a
+        # takeover before that cannot be confirmed, and concurrent requests on several
+        # nodes would keep taking the session over again meanwhile.
+        settle = self._mono() + 4 * self.timing.heartbeat
+        while not self.ctx.knows_everyone() and self._mono() < settle:
+            await asyncio.sleep(self.timing.heartbeat / 4)
 
     async def _claim(self) -> str:
         """Claim our name for this incarnation (the first lease): "held" once we hold it,

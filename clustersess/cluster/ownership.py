@@ -82,12 +82,17 @@ class Ownership:
         #: sessions to take over again to reconcile (writes the current owner may lack)
         self._reclaim_due: dict[str, None] = {}
         self._reclaim_wake = asyncio.Event()
+        #: the reclaims the reconciler is running now
+        self._reclaim_batch: dict[str, None] = {}
         #: sessions we gave up to a FETCH, at the epoch we held, until a new owner speaks
         self._released: dict[str, int] = {}
         #: member -> our newer claims to tell it (it announced an older one)
         self._answers: dict[str, list[tuple[str, int, versions.VV]]] = {}
         #: OWNED announcements waiting to be sent, coalesced
         self._owned_due: list[tuple[str, int, versions.VV]] = []
+        #: token -> a rival claim (member, epoch, vector) heard while we were taking it
+        #: over: weighed once our takeover ends
+        self._rivals: dict[str, tuple[str, int, versions.VV]] = {}
 
     # == taking over ==========================================================================
     async def acquire(self, token: str, *, force: bool = False) -> Entry | None:
@@ -174,6 +179,11 @@ class Ownership:
             self.contending.discard(token)
             if self._taking.get(token) is asyncio.current_task():
                 del self._taking[token]
+            rival = self._rivals.pop(token, None)
+            if rival is not None:
+                # The requests that waited for this takeover hold the session now: weigh
+                # the rival claim once they are done with it (bounded, as for a FETCH).
+                ctx.spawn(self._weigh_when_idle(token, *rival), "clustersess-weigh")
 
     async def _round(self, token: str, *, peek: bool = False) -> tuple[dict[str, m.FetchReply], bool]:
         """Ask every live member for its copy; (answers heard in time, heard everyone)."""
@@ -183,6 +193,8 @@ class Ownership:
         # hold the session): not worth waiting for, but the round cannot be complete.
         suspected = len(ctx.members.members) > len(names)
         if not names:
+            # Alone, if we would have heard the others by now (not if we just joined,
+            # rejoined or reconnected, or Redis stalls: then we know nothing yet).
             return {}, ctx.healthy() and not suspected and ctx.knows_everyone()
         if not ctx.transport.connected:
             return {}, False
@@ -209,9 +221,10 @@ class Ownership:
             ctx.warn.warning("fetch", "clustersess: takeover did not hear from every member in time")
         finally:
             del self._rounds[req]
-        # Every member answered: whatever our own health, they all gave up what they had
-        # (if we know every member: we may have joined a moment ago).
-        return rnd.replies, rnd.complete() and not rnd.unheard and ctx.knows_everyone()
+        # Every member answered: whatever our own health, they all gave up what they had.
+        # (Not if the publish counts never came in: then nobody was even asked; nor if we
+        # may not know every member yet.)
+        return rnd.replies, rnd.counted and rnd.complete() and not rnd.unheard and ctx.knows_everyone()
 
     async def _take(self, token: str, replies: dict[str, m.FetchReply], complete: bool) -> Entry | None:
         ctx = self.ctx
@@ -376,6 +389,11 @@ class Ownership:
             self.ctx.outbox.send(self.ctx.ch_all, m.Owned(tuple(due[i : i + ITEMS_PER_MESSAGE])))
 
     # == reconciliation ========================================================================
+    def reclaiming(self, token: str) -> bool:
+        """Whether we are about to take ``token`` over again (or doing it): our copy then
+        holds writes the owner may lack, and must not be dropped meanwhile."""
+        return token in self._reclaim_due or token in self._reclaim_batch or token in self._taking
+
     def reclaim(self, token: str) -> None:
         """Take ``token`` over again soon: our copy may hold writes its owner lacks."""
         self._reclaim_due[token] = None
@@ -395,16 +413,23 @@ class Ownership:
             if not ctx.healthy():
                 continue
             due, self._reclaim_due = self._reclaim_due, {}
+            self._reclaim_batch = due
             for token, why in list(self.unconfirmed.items()):
                 if token not in ctx.store.owned:
                     del self.unconfirmed[token]
                 elif why == "takeover":
                     due[token] = None
-            for token in due:
-                if ctx.store.is_dead(token, ctx.wall()):
-                    continue
-                if token in ctx.store.owned or token in ctx.store.backups:
-                    await self.acquire(token, force=True)  # even if ours: another may own it too
+            try:
+                for token in due:
+                    if ctx.store.is_dead(token, ctx.wall()):
+                        continue
+                    if token in ctx.store.owned or token in ctx.store.backups:
+                        try:
+                            await self.acquire(token, force=True)  # even if ours: another may own it too
+                        except SessionUnavailable:
+                            self._reclaim_due[token] = None  # not every member answered: again later
+            finally:
+                self._reclaim_batch = {}
 
     # == holder side ===========================================================================
     def on_fetch(self, member: Member, env: m.Envelope) -> None:
@@ -510,19 +535,12 @@ class Ownership:
                     self._answer(member.name, token, moving)  # a rotation here is newer still
                 continue
             if mine is not None:
-                if mine.epoch > epoch or (mine.epoch == epoch and ctx.name < member.name):
-                    # Ours is the newer claim (or wins the tie): tell the claimant, which
-                    # steps down (a node rejoining after a cut-off announces what it held).
-                    self._answer(member.name, token, mine)
-                    continue
                 if token in self.contending:
-                    continue  # our own takeover decides
-                del store.owned[token]
-                store.backups[token] = mine
-                self.unconfirmed.pop(token, None)
-                ctx.stats.stepped_down += 1
-                if not versions.dominates(vv, mine.vv):
-                    self.reclaim(token)  # we hold writes the new owner lacks
+                    # Our own takeover decides first; this claim is weighed when it ends
+                    # (two takeovers can both win the same epoch).
+                    self._rivals[token] = (member.name, epoch, vv)
+                    continue
+                self._weigh(token, member.name, epoch, vv)
                 continue
             copy = store.backups.get(token)
             if copy is None or copy.epoch == epoch:
@@ -543,6 +561,32 @@ class Ownership:
                 copy.owner = member.name
         for i in range(0, len(dead), ITEMS_PER_MESSAGE):
             ctx.outbox.send(ctx.channel(member.name), m.Invalidate(tuple(dead[i : i + ITEMS_PER_MESSAGE])))
+
+    async def _weigh_when_idle(self, token: str, name: str, epoch: int, vv: versions.VV) -> None:
+        ctx = self.ctx
+        deadline = ctx.mono() + ctx.timing.release_wait
+        while (mine := ctx.store.owned.get(token)) is not None and mine.inflight > 0 and ctx.mono() < deadline:
+            await asyncio.sleep(0.002)
+        self._weigh(token, name, epoch, vv)
+
+    def _weigh(self, token: str, name: str, epoch: int, vv: versions.VV) -> None:
+        """Member ``name`` claims ``token`` at ``epoch``, and we own it too: the newer
+        claim stays (the tie goes to the lower name)."""
+        ctx = self.ctx
+        mine = ctx.store.owned.get(token)
+        if mine is None:
+            return
+        if mine.epoch > epoch or (mine.epoch == epoch and ctx.name < name):
+            # Ours is the newer claim (or wins the tie): tell the claimant, which steps
+            # down (a node rejoining after a cut-off announces what it held).
+            self._answer(name, token, mine)
+            return
+        del ctx.store.owned[token]
+        ctx.store.backups[token] = mine
+        self.unconfirmed.pop(token, None)
+        ctx.stats.stepped_down += 1
+        if not versions.dominates(vv, mine.vv):
+            self.reclaim(token)  # we hold writes the new owner lacks
 
     # == adoption and hand-off =================================================================
     async def adopt_from(self, name: str) -> int:

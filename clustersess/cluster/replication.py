@@ -80,6 +80,8 @@ class Replication:
         self.ctx = ctx
         #: set by the node: take a session over again to reconcile (see ownership.py)
         self.reclaim: Callable[[str], None] = lambda token: None
+        #: whether a reclaim of this token is pending or running (set by the node)
+        self.reclaiming: Callable[[str], bool] = lambda token: False
         #: set by the node: make a handed-over copy ours
         self.take_handoff: Callable[[Entry, Member], None] = lambda entry, member: None
         #: set by the node: owned sessions whose takeover has not heard every member
@@ -499,8 +501,10 @@ class Replication:
             # From the owner of a newer epoch: after a rebalance (we were its backup), or
             # after a takeover that merged our copy (we answered its FETCH). Its backup
             # has acknowledged what replaces our copy.
+            # Not while we are taking it back: our copy holds writes the sender lacks
+            # (we learnt it from its OWNED or a refusal), and the takeover merges them.
             copy = backups.get(token)
-            if copy is not None and copy.epoch <= epoch:
+            if copy is not None and copy.epoch <= epoch and not self.reclaiming(token):
                 del backups[token]
 
     # == resync ===============================================================================
