@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 from .. import codec, versions
@@ -32,7 +33,7 @@ from . import messages as m
 from .context import ClusterContext, log
 from .membership import Member
 from .outbox import consume, state_of
-from .replication import CHUNK, ITEMS_PER_MESSAGE, Replication, entry_from
+from .replication import CHUNK, Replication, entry_from, send_items
 from .transport import TransportError
 
 
@@ -362,8 +363,7 @@ class Ownership:
     def _send_answers(self) -> None:
         answers, self._answers = self._answers, {}
         for name, items in answers.items():
-            for i in range(0, len(items), ITEMS_PER_MESSAGE):
-                self.ctx.outbox.send(self.ctx.channel(name), m.Owned(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+            send_items(self.ctx, self.ctx.channel(name), m.Owned, items)
 
     def rejoined(self) -> None:
         """We rejoined as a new incarnation: announce every session we hold, provisional
@@ -385,8 +385,7 @@ class Ownership:
 
     def _send_owned(self) -> None:
         due, self._owned_due = self._owned_due, []
-        for i in range(0, len(due), ITEMS_PER_MESSAGE):
-            self.ctx.outbox.send(self.ctx.ch_all, m.Owned(tuple(due[i : i + ITEMS_PER_MESSAGE])))
+        send_items(self.ctx, self.ctx.ch_all, m.Owned, due)
 
     # == reconciliation ========================================================================
     def reclaiming(self, token: str) -> bool:
@@ -466,13 +465,16 @@ class Ownership:
             return
         self._answer_fetch(src, body)
 
+    async def _until_idle(self, busy: Callable[[], bool]) -> None:
+        """Wait while ``busy()`` (requests in flight here), at most ``release_wait``."""
+        deadline = self.ctx.mono() + self.ctx.timing.release_wait
+        while busy() and self.ctx.mono() < deadline:
+            await asyncio.sleep(0.002)
+
     async def _release_when_idle(self, src: str, body: m.Fetch, entry: Entry) -> None:
         # Let requests in flight here commit before the session leaves (bounded): a
         # rotation until its request decided whether it happened.
-        ctx = self.ctx
-        deadline = ctx.mono() + ctx.timing.release_wait
-        while (entry.inflight > 0 or body.token in ctx.store.rotating) and ctx.mono() < deadline:
-            await asyncio.sleep(0.002)
+        await self._until_idle(lambda: entry.inflight > 0 or body.token in self.ctx.store.rotating)
         self._fetch(src, body, wait=False)
 
     def _answer_fetch(self, src: str, body: m.Fetch) -> None:
@@ -559,14 +561,11 @@ class Ownership:
                 # ...but it is a copy of the new owner's session now: if its former owner
                 # is found dead later, adopting it would claim what another member owns.
                 copy.owner = member.name
-        for i in range(0, len(dead), ITEMS_PER_MESSAGE):
-            ctx.outbox.send(ctx.channel(member.name), m.Invalidate(tuple(dead[i : i + ITEMS_PER_MESSAGE])))
+        send_items(ctx, ctx.channel(member.name), m.Invalidate, dead)
 
     async def _weigh_when_idle(self, token: str, name: str, epoch: int, vv: versions.VV) -> None:
-        ctx = self.ctx
-        deadline = ctx.mono() + ctx.timing.release_wait
-        while (mine := ctx.store.owned.get(token)) is not None and mine.inflight > 0 and ctx.mono() < deadline:
-            await asyncio.sleep(0.002)
+        owned = self.ctx.store.owned
+        await self._until_idle(lambda: (mine := owned.get(token)) is not None and mine.inflight > 0)
         self._weigh(token, name, epoch, vv)
 
     def _weigh(self, token: str, name: str, epoch: int, vv: versions.VV) -> None:

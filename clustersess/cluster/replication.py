@@ -35,6 +35,13 @@ ITEMS_PER_MESSAGE = 500
 CHUNK = 2000
 
 
+
+def send_items(ctx: ClusterContext, channel: str, kind: Callable[[tuple[Any, ...]], m.Body], items: list[Any]) -> None:
+    """Send ``items`` on ``channel`` as ``kind`` messages of at most ITEMS_PER_MESSAGE each."""
+    for i in range(0, len(items), ITEMS_PER_MESSAGE):
+        ctx.outbox.send(channel, kind(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+
+
 def entry_from(state: m.SessionState, now: float) -> Entry:
     """A local copy of a session that arrived from another node (times made absolute on
     our own clock)."""
@@ -251,8 +258,7 @@ class Replication:
             # Not to a member that is this session's backup again by now: a REPLICATE to
             # it may already be on its way (a DROP queued now leaves before any later one).
             items = [(t, e) for t, e in due if (o := ctx.store.owned.get(t)) is None or o.backup != name]
-            for i in range(0, len(items), ITEMS_PER_MESSAGE):
-                ctx.outbox.send(ctx.channel(name), m.Drop(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+            send_items(ctx, ctx.channel(name), m.Drop, items)
 
     def rebalance_soon(self, refill: str | None = None) -> None:
         """Membership changed: re-replicate whatever now has another backup (``refill``:
@@ -293,8 +299,7 @@ class Replication:
             if e.last_accessed >= since and e.backup is not None and (only is None or e.backup == only):
                 by_backup.setdefault(e.backup, []).append((e.token, e.epoch, max(0.0, now - e.last_accessed)))
         for dest, items in by_backup.items():
-            for i in range(0, len(items), ITEMS_PER_MESSAGE):
-                ctx.outbox.send(ctx.channel(dest), m.Accessed(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+            send_items(ctx, ctx.channel(dest), m.Accessed, items)
         return sum(map(len, by_backup.values()))
 
     # -- logouts -----------------------------------------------------------------------------
@@ -368,8 +373,7 @@ class Replication:
         # To everyone again, too: the broadcast was most likely lost the same way (a node
         # cut off while it logged a user out), and the session may have been taken over
         # meanwhile by a member that is not its backup.
-        for i in range(0, len(items), ITEMS_PER_MESSAGE):
-            ctx.outbox.send(ctx.ch_all, m.Invalidate(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+        send_items(ctx, ctx.ch_all, m.Invalidate, items)
         for backup, ts in by_backup.items():
             self._invalidate_at(backup, ts, awaited=False)
 
@@ -578,8 +582,7 @@ class Replication:
             for t, until in ctx.store.tombstones.items()
             if until > now and until >= young and t not in ctx.store.rotating  # (not dead before it commits)
         ]
-        for i in range(0, len(items), ITEMS_PER_MESSAGE):
-            ctx.outbox.send(ctx.channel(name), m.Invalidate(tuple(items[i : i + ITEMS_PER_MESSAGE])))
+        send_items(ctx, ctx.channel(name), m.Invalidate, items)
 
     def on_digest(self, member: Member, env: m.Envelope) -> None:
         body = env.body
