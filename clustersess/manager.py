@@ -217,13 +217,20 @@ class SessionManager:
         # Sessions idle for a quarter of max_inactive (at most a minute) drop their decoded
         # object: a node's memory is then about the stored JSON of its sessions, and a
         # session in use keeps its object (the read fast path needs no decoding).
-        release_after = min(60.0, self.config.max_inactive / 4)
         while True:
             await asyncio.sleep(self.config.sweep_every)
-            expired, copies = await self.store.sweep_chunked(
-                self.clock.time(), self.config.max_inactive, release_after
-            )
-            self._expired(expired, copies)
+            await self.sweep_pass()
+
+    async def sweep_pass(self, release_after: float | None = None) -> None:
+        """One pass of the sweeper, in slices: expire idle sessions and copies, and drop the
+        decoded object of sessions idle for ``release_after`` (by default a quarter of
+        ``max_inactive``, at most a minute)."""
+        if release_after is None:
+            release_after = min(60.0, self.config.max_inactive / 4)
+        expired, copies = await self.store.sweep_chunked(
+            self.clock.time(), self.config.max_inactive, release_after, self.clock.monotonic
+        )
+        self._expired(expired, copies)
 
     def sweep(self) -> None:
         """Expire idle sessions and copies now (the sweeper calls this periodically).

@@ -5,12 +5,10 @@ Pure data structure, no I/O, no clock of its own: callers pass ``now``.
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 
+from .pacing import paced, select
 from .session import Entry
-
-#: a pass over every session yields to the event loop after this many
-CHUNK = 2000
 
 
 class LocalStore:
@@ -42,33 +40,32 @@ class LocalStore:
             self.tombstones[token] = until
 
     async def sweep_chunked(
-        self, now: float, max_inactive: float, release_after: float | None = None
+        self, now: float, max_inactive: float, release_after: float | None, mono: Callable[[], float]
     ) -> tuple[list[Entry], list[Entry]]:
-        """:meth:`sweep` in chunks, yielding to the event loop between them (a node holding
-        200,000 sessions must not stop serving while it sweeps). With ``release_after``,
-        owned sessions idle that long also drop their decoded session object (it is
-        decoded again from the stored JSON when next used)."""
+        """:meth:`sweep` in slices (``mono``: the caller's monotonic clock), giving the event
+        loop back between them: a node holding 200,000 sessions must not stop serving
+        while it sweeps. With ``release_after``, owned sessions idle that long also drop
+        their decoded session object (it is decoded again from the stored JSON when next
+        used)."""
         limit = now - max_inactive
         release = None if release_after is None else now - release_after
         expired: list[Entry] = []
-        for i, e in enumerate(list(self.owned.values()), 1):
-            if e.inflight == 0 and self.owned.get(e.token) is e:
+        owned, backups = self.owned, self.backups
+        async for e in paced(list(owned.values()), mono):
+            if e.inflight == 0 and owned.get(e.token) is e:
                 if e.last_accessed < limit:
-                    del self.owned[e.token]
+                    del owned[e.token]
                     expired.append(e)
                 elif release is not None and e.session is not None and e.last_accessed < release:
                     e.session = None
-            if i % CHUNK == 0:
-                await asyncio.sleep(0)
         stale: list[Entry] = []
-        for i, e in enumerate(list(self.backups.values()), 1):
-            if e.last_accessed < limit and self.backups.get(e.token) is e:
-                del self.backups[e.token]
+        async for e in paced(list(backups.values()), mono):
+            if e.last_accessed < limit and backups.get(e.token) is e:
+                del backups[e.token]
                 stale.append(e)
-            if i % CHUNK == 0:
-                await asyncio.sleep(0)
-        for t in [t for t, until in self.tombstones.items() if until <= now]:
-            del self.tombstones[t]
+        for t, _ in await select(list(self.tombstones.items()), lambda i: i[1] <= now, mono):
+            if self.tombstones.get(t, now + 1) <= now:
+                del self.tombstones[t]
         return expired, stale
 
     def sweep(self, now: float, max_inactive: float) -> tuple[list[Entry], list[Entry]]:

@@ -13,18 +13,28 @@ node's memory figures and can expire sessions on demand).
   sessions idle for ``min(60 s, max_inactive / 4)``); answers how many it released.
 * ``POST /debug/expire?created_from=T0&created_to=T1`` makes every session this node
   owns or backs up that was created in [T0, T1] (this host's wall clock) idle for longer
-  than ``max_inactive``, as if nobody had used them since, then runs the manager's own
-  sweep, ``SessionManager.sweep()``, on the next turn of the event loop: the pass the
-  sweeper task runs every ``sweep_every``, only at a chosen moment. Called on every
+  than ``max_inactive``, as if nobody had used them since, then starts the manager's own
+  sweep, ``SessionManager.sweep_pass()``: the pass the sweeper task runs every
+  ``sweep_every``, only at a chosen moment. Called on every
   node, it is what idle expiry looks like: the owner and the backup both find them idle.
+* ``GET /debug/lag?since=T``: the event loop's stalls since ``T`` (``time.monotonic()``,
+  which is one clock for every process of the host): a task asks to be woken every
+  ``LAG_TICK`` seconds and records each wake-up later than ``LAG_REPORT`` as
+  ``[when, seconds late]``. A stall is time no request could be served, as opposed to
+  a request waiting for Redis or a backup. Also the cyclic garbage collector's passes
+  longer than ``LAG_REPORT`` as ``[when, seconds, generation]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
+import time
 import tracemalloc
+from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -34,7 +44,56 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from clustersess import ClusterSessionMiddleware
+from clustersess.pacing import paced
 from demo_app import routes as demo_routes
+
+#: how often the lag probe asks to be woken, and the lateness it records
+LAG_TICK = 0.005
+LAG_REPORT = 0.002
+_stalls: deque[tuple[float, float]] = deque(maxlen=100_000)
+
+
+async def _probe_lag() -> None:
+    while True:
+        due = time.monotonic() + LAG_TICK
+        await asyncio.sleep(LAG_TICK)
+        now = time.monotonic()
+        if now - due > LAG_REPORT:
+            _stalls.append((now, now - due))
+
+
+_gc_started = 0.0
+#: the cyclic GC's collections that took longer than LAG_REPORT: [when, seconds, generation]
+_collections: deque[tuple[float, float, int]] = deque(maxlen=100_000)
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.monotonic()
+    else:
+        took = time.monotonic() - _gc_started
+        if took > LAG_REPORT:
+            _collections.append((time.monotonic(), took, info["generation"]))
+
+
+gc.callbacks.append(_on_gc)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    task = asyncio.get_running_loop().create_task(_probe_lag())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def lag(request: Request) -> Response:
+    since = float(request.query_params.get("since", "0"))
+    return JSONResponse(
+        {"stalls": [s for s in _stalls if s[0] >= since], "collections": [c for c in _collections if c[0] >= since]}
+    )
 
 
 def _manager(request: Request) -> Any:
@@ -87,11 +146,12 @@ async def expire(request: Request) -> Response:
     counts = {}
     for kind, table in (("owned", manager.store.owned), ("backups", manager.store.backups)):
         counts[kind] = 0
-        for entry in table.values():
+        # in slices too: this endpoint must not stall the node it measures
+        async for entry in paced(list(table.values()), time.monotonic):
             if lo <= entry.created <= hi:
                 entry.last_accessed = idle_since
                 counts[kind] += 1
-    asyncio.get_running_loop().call_soon(manager.sweep)
+    asyncio.get_running_loop().create_task(manager.sweep_pass())
     return JSONResponse(counts)
 
 
@@ -99,7 +159,7 @@ async def release(request: Request) -> Response:
     manager = _manager(request)
     before = sum(1 for e in manager.store.owned.values() if e.session is not None)
     # the sweeper's own pass, with "idle for 0 s" as the release threshold
-    await manager.store.sweep_chunked(manager.clock.time(), manager.config.max_inactive, 0.0)
+    await manager.sweep_pass(release_after=0.0)
     after = sum(1 for e in manager.store.owned.values() if e.session is not None)
     return JSONResponse({"released": before - after})
 
@@ -110,6 +170,7 @@ routes = [
     Route("/debug/memory", memory),
     Route("/debug/tracemalloc", trace, methods=["POST"]),
     Route("/debug/expire", expire, methods=["POST"]),
+    Route("/debug/lag", lag),
 ]
 
-app = Starlette(routes=routes, middleware=[Middleware(ClusterSessionMiddleware)])
+app = Starlette(routes=routes, middleware=[Middleware(ClusterSessionMiddleware)], lifespan=lifespan)

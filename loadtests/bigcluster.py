@@ -25,7 +25,7 @@ endpoints, see ``bigapp.py``) with the default timing (heartbeat 0.5 s, drop tim
    * **rebalance**: node3 starts and joins; about half of node1's sessions get node3 as
      their backup;
    * **sweep**: node2's sweep sessions all expire at once, in one pass of the real
-     sweeper (``SessionManager.sweep()``) on the owner and on the backups; the debug
+     sweeper (``SessionManager.sweep_pass()``) on the owner and on the backups; the debug
      endpoint only moves their last access back (owner's and backups' copies) and
      schedules that pass now, instead of waiting up to a minute for the sweeper;
    * **adoption**: node1 is SIGKILLed; node2 and node3 each adopt the half of its
@@ -352,6 +352,9 @@ class Phase:
     t1: float
     settled: float | None
     info: dict[str, Any]
+    #: node -> the event loop's stalls and the GC's long passes during the phase (see
+    #: bigapp.py: {"stalls": [[when, seconds]], "collections": [[when, seconds, gen]]})
+    stalls: dict[str, dict[str, list[list[float]]]] = dataclasses.field(default_factory=dict)
 
 
 def report_line(phase: Phase, prober: Prober) -> list[str]:
@@ -364,9 +367,15 @@ def report_line(phase: Phase, prober: Prober) -> list[str]:
                 errors[s.error] = errors.get(s.error, 0) + 1
         failed = ", ".join(f"{n} {e}" for e, n in sorted(errors.items())) or "0"
         p99 = pct(ok, 99)
+        seen = phase.stalls.get(node, {})
+        stalls = [late for _, late in seen.get("stalls", [])]
+        stall = f"{max(stalls) * 1000:.0f} ms, {sum(stalls) * 1000:.0f} ms" if stalls else "none"
+        gcs = seen.get("collections", [])
+        longest = max(gcs, key=lambda c: c[1]) if gcs else None
+        gc_cell = f"{len(gcs)}, {longest[1] * 1000:.0f} ms (gen {longest[2]:.0f})" if longest else "none"
         lines.append(
             f"| {phase.name} | {node} | {len(samples)} | {pct(ok, 50):.1f} | {p99:.1f} | "
-            f"{max(ok, default=float('nan')):.1f} | {failed} | {p99 / P99_TARGET_MS:.2f}x |"
+            f"{max(ok, default=float('nan')):.1f} | {failed} | {p99 / P99_TARGET_MS:.2f}x | {stall} | {gc_cell} |"
         )
     return lines
 
@@ -495,10 +504,46 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
             timeout: float,
         ) -> Phase:
             t0 = time.monotonic()
+            live = cluster.live()
+            stalls: dict[str, dict[str, list[list[float]]]] = {}
+
+            async def collect() -> None:
+                for n in live:
+                    with contextlib.suppress(httpx.HTTPError):
+                        stalls[n] = await cluster.debug(n, f"/debug/lag?since={t0}")  # type: ignore[assignment]
+
+            if name == "adoption":
+                await collect()  # node1 is about to die
+            spies = []
+            if args.profile:
+                os.makedirs(args.profile, exist_ok=True)
+                for n in live:
+                    out_file = os.path.join(args.profile, f"{name}-{n}.json")
+                    spies.append(
+                        await asyncio.create_subprocess_exec(
+                            "py-spy", "record", "--format", "speedscope", "--rate", "500", "--nonblocking", "--idle",
+                            "-o", out_file, "--pid", str(cluster.nodes[n].pid),
+                            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                        )
+                    )
             info = await trigger()
             took = await wait_for(done, timeout)
             await asyncio.sleep(1.0)
-            ph = Phase(name, t0, time.monotonic(), took, info)
+            t1 = time.monotonic()
+            for spy in spies:
+                with contextlib.suppress(ProcessLookupError):
+                    spy.send_signal(signal.SIGINT)
+                await spy.wait()
+            if name == "adoption":
+                before = stalls.copy()
+                await collect()
+                for n, v in before.items():
+                    stalls.setdefault(n, v)
+            else:
+                await collect()
+            ph = Phase(
+                name, t0, t1, took, info, {n: {k: [s for s in v if s[0] <= t1] for k, v in d.items()} for n, d in stalls.items()}
+            )
             phases.append(ph)
             outcome = f"settled in {took:.1f} s" if took is not None else f"NOT settled in {timeout:.0f} s"
             say(f"{name}: {outcome}; {info}")
@@ -614,8 +659,11 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
             f"request latency (ms) from a steady {args.rate:.0f} req/s, half reads, half writes; target p99 {P99_TARGET_MS:.0f} ms:"
         )
         say("")
-        say("| phase | node | requests | p50 | p99 | max | failed | p99 vs target |")
-        say("|---|---|---:|---:|---:|---:|---:|---:|")
+        say(
+            "| phase | node | requests | p50 | p99 | max | failed | p99 vs target |"
+            " event loop stalls over 2 ms: longest, total | GC passes over 2 ms: count, longest |"
+        )
+        say("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for ph in phases:
             for line in report_line(ph, prober):
                 say(line)
@@ -663,6 +711,7 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=200.0, help="probe requests per second, in total")
     p.add_argument("--concurrency", type=int, default=64, help="connections of the loader")
     p.add_argument("--baseline", type=float, default=5.0, help="seconds of the baseline phase")
+    p.add_argument("--profile", metavar="DIR", help="record each phase of each node with py-spy (speedscope, idle included) into DIR")
     p.add_argument("--timeout", type=float, default=180.0, help="longest wait for a phase to settle")
     p.add_argument("--out", help="also write the report to this file")
     args = p.parse_args()

@@ -346,9 +346,9 @@ async def test_one_pass_sends_access_times_of_the_sessions_used_since_the_last(c
     await eventually(lambda: len(n2.store.backups) == 2, what="both backed up")
     cluster.clock.advance(10)
     since = cluster.clock.time()
-    assert n1.cluster.replication.send_accesses(since) == 0  # nothing used yet: nothing sent
+    assert await n1.cluster.replication.send_accesses(since) == 0  # nothing used yet: nothing sent
     await read(n1, used)
-    assert n1.cluster.replication.send_accesses(since) == 1
+    assert await n1.cluster.replication.send_accesses(since) == 1
     await eventually(lambda: n2.store.backups[token_of(n1, used)].last_accessed == since, what="ACCESSED")
     assert n2.store.backups[token_of(n1, idle)].last_accessed == since - 10
 

@@ -119,6 +119,7 @@ class ClusterNode:
             spawn=self._spawn,
         )
         self.replication = Replication(ctx)
+        self.outbox.on_resent = self.replication.resent
         #: replicate a committed session; True if it is confirmed (see Replication). The
         #: component's own method, not a wrapper: one coroutine less on every write.
         self.replicate = self.replication.replicate
@@ -487,6 +488,7 @@ class ClusterNode:
             self.replication.retry_tombstones()
             self.replication.send_drops()
         self.replication.send_resync()
+        self.outbox.release_window(now - self.timing.ack_timeout)
         self.outbox.expire_acks(now - self.timing.ack_expiry)
 
     def _beat(self, hello: bool = False) -> None:
@@ -604,7 +606,7 @@ class ClusterNode:
             if not self.transport.connected:
                 continue  # the first pass after reconnecting covers the outage too
             now = self.ctx.wall()
-            self.replication.send_accesses(since)
+            await self.replication.send_accesses(since)
             since = now
 
     def _unreachable(self, channel: str) -> None:

@@ -6,6 +6,13 @@ concurrent requests are coalesced: one REPLICATE per backup per flush (split at 
 ``BATCH_BYTES``), all of a flush in one pipelined round trip, which is what keeps sync
 replication cheap under load. Each session's waiter learns what the backup did with
 *that* session: applied (``None``) or a :class:`~.messages.Refusal`.
+
+Resends of many sessions at once (a resync, a rebalance, an adoption, retries) go in the
+*background* lane: requests' writes overtake them, and at most ``BACKGROUND_WINDOW``
+bytes of them are unacknowledged at a time, ``BACKGROUND_PER_FLUSH`` bytes per flush. So
+a request's write never waits behind 100 MB of resends, neither here nor in its backup's
+inbound queue; the resend goes as fast as the backup acknowledges, and acknowledgements
+come back in time instead of timing out and being resent again.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from .wire import BATCH_BYTES, Codec
 _STATE_OVERHEAD = 200
 #: one pipelined publish carries at most about this much; a bigger flush goes in parts
 PUBLISH_BYTES = 4 * 1024 * 1024
+#: background resends unacknowledged at a time, and per flush (bytes of session data)
+BACKGROUND_WINDOW = 256 * 1024
+BACKGROUND_PER_FLUSH = 64 * 1024
 
 
 class NoReceiver(Exception):
@@ -61,6 +71,10 @@ class _AckWait:
     #: futures waiting for the whole message's ACK
     whole: list[asyncio.Future[m.Ack]]
     sent: float
+    #: bytes of background resends it carries (counted in the window until answered)
+    background: int = 0
+    #: the resends it carries, whose answers go to ``Outbox.on_resent``
+    resent: dict[str, Entry] | None = None
 
 
 class _Round:
@@ -129,6 +143,15 @@ class Outbox:
         self._messages: list[tuple[str, m.Body, asyncio.Future[Any] | None, bool]] = []
         self._pending: dict[tuple[str, bool], dict[str, Entry]] = {}
         self._pending_waiters: dict[tuple[str, bool], dict[str, list[asyncio.Future[m.Refusal | None]]]] = {}
+        #: the background lane: resends by (channel, handoff), without a future each (a
+        #: resend of 100,000 sessions must not make 100,000 objects that outlive the
+        #: young collections); bytes of it sent and not yet answered
+        self._background: dict[tuple[str, bool], dict[str, Entry]] = {}
+        self._background_bytes = 0
+        #: resends overtaken by a request's write: their answer comes with the write's
+        self._overtaken: dict[str, Entry] = {}
+        #: told the backup's answer for each resend (None: applied)
+        self.on_resent: Callable[[Entry, m.Refusal | None], None] = lambda entry, refusal: None
         self._acks: dict[tuple[str, int], _AckWait] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -166,18 +189,36 @@ class Outbox:
         """Queue ``entry``'s state for the backup on ``channel``; the future says what the
         backup did with it."""
         key = (channel, handoff)
-        self._pending.setdefault(key, {})[entry.token] = entry
+        token = entry.token
+        self._pending.setdefault(key, {})[token] = entry
         fut: asyncio.Future[m.Refusal | None] = asyncio.get_running_loop().create_future()
-        self._pending_waiters.setdefault(key, {}).setdefault(entry.token, []).append(fut)
+        self._pending_waiters.setdefault(key, {}).setdefault(token, []).append(fut)
+        queued = self._background.get(key)
+        if queued is not None and (resend := queued.pop(token, None)) is not None:
+            self._overtaken[token] = resend  # the write carries it; its answer is the resend's
         self._wake.set()
         return fut
+
+    def resend(self, channel: str, entry: Entry) -> None:
+        """Queue ``entry``'s state for the backup on ``channel`` in the background lane
+        (see above); :attr:`on_resent` is told the answer."""
+        pending = self._pending.get((channel, False))
+        if pending is not None and entry.token in pending:
+            self._overtaken[entry.token] = entry  # already on its way with a write
+        else:
+            self._background.setdefault((channel, False), {})[entry.token] = entry
+        self._wake.set()
 
     def acked(self, channel: str, ack: m.Ack) -> None:
         wait = self._acks.pop((channel, ack.ack), None)
         if wait is None:
             return
+        self._answered(wait)
         self._stats.ack_latency.observe(self._mono() - wait.sent)
         refused = {r.token: r for r in ack.refused}
+        if wait.resent is not None:
+            for token, entry in wait.resent.items():
+                self.on_resent(entry, refused.get(token))
         for token, futs in wait.waiters.items():
             result = refused.get(token)
             for w in futs:
@@ -190,6 +231,16 @@ class Outbox:
             for token in refused:
                 self.requeue.pop(token, None)  # its fate is decided by the refusal's handler
 
+    def release_window(self, cutoff: float) -> None:
+        """Background resends sent before ``cutoff`` (monotonic) and not answered yet stop
+        counting in the window (their answer may have been lost in a reconnect; it is
+        still acted on if it comes): a lost answer must not stall the lane until
+        :meth:`expire_acks` gives up on it."""
+        for wait in self._acks.values():
+            if wait.background and wait.sent < cutoff:
+                self._answered(wait)
+                wait.background = 0
+
     def expire_acks(self, cutoff: float) -> None:
         """Give up on acks for messages sent before ``cutoff`` (monotonic); requeue them."""
         for key in [k for k, w in self._acks.items() if w.sent < cutoff]:
@@ -198,12 +249,13 @@ class Outbox:
     def pending(self) -> int:
         """Sessions whose latest version is not yet acknowledged by a backup."""
         waiting = sum(len(w.versions) for w in self._acks.values())
-        return len(self.requeue) + sum(len(p) for p in self._pending.values()) + waiting
+        queued = sum(len(p) for p in self._pending.values()) + sum(len(p) for p in self._background.values())
+        return len(self.requeue) + queued + waiting
 
     def unacknowledged(self) -> list[str]:
         """Tokens sent or queued but not acknowledged yet (in a stable order)."""
         out = dict(self.requeue)
-        for p in self._pending.values():
+        for p in (*self._pending.values(), *self._background.values()):
             out.update(dict.fromkeys(p))
         for w in self._acks.values():
             out.update(dict.fromkeys(w.versions))
@@ -247,6 +299,7 @@ class Outbox:
             size = 0
             for e in entries.values():
                 if owned.get(e.token) is not e or e.version == 0:
+                    self._overtaken.pop(e.token, None)
                     for w in ws.pop(e.token, ()):
                         if not w.done():
                             w.set_exception(NotOwner())
@@ -264,8 +317,38 @@ class Outbox:
                         out = _Round()
             if batch:
                 self._add_batch(out, channel, handoff, batch, ws, now)
+        self._take_background(out, now, wall)
         if out.items:
             await self._publish(out)
+        if self._background and self._background_bytes < BACKGROUND_WINDOW:
+            self._wake.set()  # more to resend, and room for it: on the next turn
+
+    def _take_background(self, out: _Round, now: float, wall: float) -> None:
+        """Add background resends to this flush, as far as the window allows."""
+        room = min(BACKGROUND_PER_FLUSH, BACKGROUND_WINDOW - self._background_bytes)
+        owned = self._store.owned
+        none: dict[str, list[asyncio.Future[m.Refusal | None]]] = {}
+        for key in list(self._background):
+            if room <= 0:
+                break
+            entries = self._background[key]
+            batch: list[m.SessionState] = []
+            size = 0
+            while entries and room > 0:
+                token, e = entries.popitem()  # (order does not matter: each is its latest state)
+                if owned.get(token) is not e or e.version == 0:
+                    continue  # no longer ours (or empty): nothing to resend
+                batch.append(state_of(e, wall))
+                cost = len(e.payload) + _STATE_OVERHEAD
+                size += cost
+                room -= cost
+                if size >= BATCH_BYTES:
+                    self._add_batch(out, key[0], key[1], batch, none, now, background=size)
+                    batch, size = [], 0
+            if batch:
+                self._add_batch(out, key[0], key[1], batch, none, now, background=size)
+            if not entries:
+                del self._background[key]
 
     async def _publish(self, out: _Round) -> None:
         try:
@@ -293,11 +376,26 @@ class Outbox:
         batch: list[m.SessionState],
         ws: dict[str, list[asyncio.Future[m.Refusal | None]]],
         now: float,
+        *,
+        background: int = 0,
     ) -> None:
         seq = self._next_seq(channel)
+        if background:
+            owned = self._store.owned
+            resent: dict[str, Entry] | None = {s.token: owned[s.token] for s in batch}
+        elif self._overtaken:
+            resent = {s.token: e for s in batch if (e := self._overtaken.pop(s.token, None)) is not None} or None
+        else:
+            resent = None
         self._acks[(channel, seq)] = _AckWait(
-            {s.token: ws.pop(s.token, []) for s in batch}, {s.token: s.version for s in batch}, [], now
+            {s.token: ws.pop(s.token, []) for s in batch},
+            {s.token: s.version for s in batch},
+            [],
+            now,
+            background,
+            resent,
         )
+        self._background_bytes += background
         out.add(channel, self._encode(channel, seq, m.Replicate(tuple(batch), handoff)), (channel, seq))
         self._stats.replications_sent += len(batch)
 
@@ -311,6 +409,7 @@ class Outbox:
             wait = self._acks.pop(r, None)
             if wait is None:
                 return
+            self._answered(wait)
             for token in wait.versions:
                 if token in self._store.owned:
                     self.requeue[token] = None
@@ -324,6 +423,13 @@ class Outbox:
                 if not w2.done():
                     w2.set_exception(exc)
                     consume(w2)
+
+    def _answered(self, wait: _AckWait) -> None:
+        """A message was answered (or given up on): its background bytes leave the window."""
+        if wait.background:
+            self._background_bytes -= wait.background
+            if self._background:
+                self._wake.set()
 
     def _next_seq(self, channel: str) -> int:
         seq = self._seq.get(channel, 0) + 1

@@ -28,12 +28,13 @@ from typing import Any
 
 from .. import codec, versions
 from ..errors import ReplicationUnavailable, SessionUnavailable
+from ..pacing import paced, select
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
 from .membership import Member
-from .outbox import consume, state_of
-from .replication import CHUNK, Replication, entry_from, send_items
+from .outbox import state_of
+from .replication import Replication, entry_from, send_items
 from .transport import TransportError
 
 
@@ -591,18 +592,15 @@ class Ownership:
     async def adopt_from(self, name: str) -> int:
         """Take every copy we hold of ``name``'s sessions (its lease lapsed, or it left)."""
         ctx = self.ctx
-        copies = [c for c in list(ctx.store.backups.values()) if c.owner == name]
+        backups = ctx.store.backups
+        copies = await select(list(backups.values()), lambda c: c.owner == name, ctx.mono)
         n = 0
-        for i, copy in enumerate(copies, 1):
-            if ctx.store.backups.get(copy.token) is copy and not ctx.store.is_dead(copy.token, ctx.wall()):
+        async for copy in paced(copies, ctx.mono):
+            if backups.get(copy.token) is copy and not ctx.store.is_dead(copy.token, ctx.wall()):
                 entry = self.promote(copy, copy.epoch + 1, copy.vv)
-                fut = self.replication.enqueue(entry)
-                if fut is not None:
-                    fut.add_done_callback(consume)
+                self.replication.resend(entry)
                 self.announce(entry)
                 n += 1
-            if i % CHUNK == 0:
-                await asyncio.sleep(0)
         ctx.stats.adopted += n
         if n:
             log.info("clustersess: adopted %d session(s) of %s", n, name)
@@ -615,7 +613,5 @@ class Ownership:
         base = current if current is not None else copy
         entry = self.promote(copy, max(copy.epoch, base.epoch) + 1, copy.vv)
         ctx.stats.adopted += 1
-        fut = self.replication.enqueue(entry)
-        if fut is not None:
-            fut.add_done_callback(consume)
+        self.replication.resend(entry)
         self.announce(entry)

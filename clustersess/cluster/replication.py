@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import versions
+from ..pacing import paced, select
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
@@ -31,9 +32,6 @@ from .transport import TransportError
 
 #: sessions per ACCESSED / INVALIDATE / OWNED message
 ITEMS_PER_MESSAGE = 500
-#: a pass over every session yields to the event loop after this many
-CHUNK = 2000
-
 
 
 def send_items(ctx: ClusterContext, channel: str, kind: Callable[[tuple[Any, ...]], m.Body], items: list[Any]) -> None:
@@ -72,13 +70,11 @@ def state_hash(entry: Entry) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-async def digest(entries: Iterable[Entry]) -> list[int]:
-    """Per bucket, the XOR of the state hashes of ``entries`` (yielding as it goes)."""
+async def digest(entries: Iterable[Entry], clock: Callable[[], float]) -> list[int]:
+    """Per bucket, the XOR of the state hashes of ``entries`` (in slices)."""
     out = [0] * m.DIGEST_BUCKETS
-    for n, e in enumerate(entries, 1):
+    async for e in paced(entries, clock):
         out[bucket_of(e.token)] ^= state_hash(e)
-        if n % CHUNK == 0:
-            await asyncio.sleep(0)
     return out
 
 
@@ -102,6 +98,8 @@ class Replication:
         self._drops: dict[str, list[tuple[str, int]]] = {}
         #: token -> its former backup, while a sync write to its new one is awaited
         self._moved: dict[str, str | None] = {}
+        #: token -> its former backup, while a resend to its new one is unanswered
+        self._resent_from: dict[str, str] = {}
         #: asker -> when we last answered its resync; askers waiting for the next answer
         self._resync_at: dict[str, float] = {}
         self._resync_waiting: dict[str, float] = {}
@@ -117,16 +115,11 @@ class Replication:
         self._lone_logged = False
 
     # == owner side ==========================================================================
-    def enqueue(
-        self, entry: Entry, *, handoff: bool = False, settle: bool = True
-    ) -> asyncio.Future[m.Refusal | None] | None:
-        """Queue ``entry`` for its backup; None if there is nobody to send it to. The
-        backup's answer is acted on when it comes (``settle=False``: the caller awaits
-        the future and calls :meth:`settled` itself)."""
+    def _pick_backup(self, entry: Entry) -> str | None:
+        """Choose ``entry``'s backup now and note it on the entry; None if there is nobody."""
         ctx = self.ctx
         exclude = (entry.owner,) if entry.owner != ctx.name else ()
         backup = ctx.members.backup_for(entry.token, exclude=exclude)
-        old = entry.backup
         entry.backup = backup
         if backup is None:
             if ctx.members.members:
@@ -138,6 +131,19 @@ class Replication:
                 self._lone_logged = True
             return None
         self._lone_logged = False
+        return backup
+
+    def enqueue(
+        self, entry: Entry, *, handoff: bool = False, settle: bool = True
+    ) -> asyncio.Future[m.Refusal | None] | None:
+        """Queue ``entry`` for its backup; None if there is nobody to send it to. The
+        backup's answer is acted on when it comes (``settle=False``: the caller awaits
+        the future and calls :meth:`settled` itself)."""
+        ctx = self.ctx
+        old = entry.backup
+        backup = self._pick_backup(entry)
+        if backup is None:
+            return None
         fut = ctx.outbox.replicate(ctx.channel(backup), entry, handoff=handoff)
         if settle:
             fut.add_done_callback(lambda f: self._settled(entry, old, backup, f))
@@ -243,9 +249,7 @@ class Replication:
         for token in tokens:
             entry = ctx.store.owned.get(token)
             if entry is not None and entry.version > 0:
-                fut = self.enqueue(entry)
-                if fut is not None:
-                    fut.add_done_callback(consume)
+                self.resend(entry)
 
     def drop_later(self, holder: str, token: str, epoch: int) -> None:
         """Tell ``holder`` (with the next batch) to drop its copy of ``token`` up to ``epoch``."""
@@ -274,28 +278,38 @@ class Replication:
             await asyncio.sleep(0)  # coalesce a burst of membership changes
             self._rebalance_due.clear()
             refill, self._refill = self._refill, set()
-            n = 0
-            for entry in list(ctx.store.owned.values()):
-                n += 1
-                if n % CHUNK == 0:
-                    await asyncio.sleep(0)
-                if ctx.store.owned.get(entry.token) is not entry or entry.version == 0:
+            owned = ctx.store.owned
+            self._resent_from = {t: old for t, old in self._resent_from.items() if t in owned}
+            async for entry in paced(list(owned.values()), ctx.mono):
+                if owned.get(entry.token) is not entry or entry.version == 0:
                     continue
                 if entry.backup in refill or ctx.members.backup_for(entry.token) != entry.backup:
-                    fut = self.enqueue(entry)
-                    if fut is not None:
-                        fut.add_done_callback(consume)
+                    self.resend(entry)
 
-    def send_accesses(self, since: float) -> int:
+    def resend(self, entry: Entry) -> None:
+        """Queue an owned session for its backup again, in the background: a pass's
+        resend (resync, rebalance, adoption, retry), which nobody waits for, which
+        requests' writes overtake and which the outbox paces (see outbox.py). The
+        backup's answer is acted on when it comes (:meth:`resent`)."""
+        old = entry.backup
+        backup = self._pick_backup(entry)
+        if backup is None:
+            return
+        if old is not None and old != backup:
+            self._resent_from.setdefault(entry.token, old)  # (the first move counts until answered)
+        self.ctx.outbox.resend(self.ctx.channel(backup), entry)
+
+    def resent(self, entry: Entry, refusal: m.Refusal | None) -> None:
+        """The backup answered a resend of ``entry``."""
+        self.settled(entry, refusal, self._resent_from.pop(entry.token, None), entry.backup)
+
+    async def send_accesses(self, since: float, only: str | None = None) -> int:
         """Send the idle time of every owned session used at or after ``since`` to its
-        backup; returns how many sessions that covered."""
-        return self._send_accesses(since, None)
-
-    def _send_accesses(self, since: float, only: str | None) -> int:
+        backup (``only``: to that backup only); returns how many sessions that covered."""
         ctx = self.ctx
         now = ctx.wall()
         by_backup: dict[str, list[tuple[str, int, float]]] = {}
-        for e in ctx.store.owned.values():
+        async for e in paced(list(ctx.store.owned.values()), ctx.mono):
             if e.last_accessed >= since and e.backup is not None and (only is None or e.backup == only):
                 by_backup.setdefault(e.backup, []).append((e.token, e.epoch, max(0.0, now - e.last_accessed)))
         for dest, items in by_backup.items():
@@ -570,19 +584,20 @@ class Replication:
         if name not in ctx.members.members:
             return
         ctx.stats.resyncs += 1
-        mine = [e for e in list(ctx.store.owned.values()) if e.backup == name and e.version > 0]
-        ctx.outbox.send(ctx.channel(name), m.Digest(tuple(await digest(mine))))
+        mine = await select(list(ctx.store.owned.values()), lambda e: e.backup == name and e.version > 0, ctx.mono)
+        ctx.outbox.send(ctx.channel(name), m.Digest(tuple(await digest(mine, ctx.mono))))
         margin = ctx.timing.access_every + ctx.timing.heartbeat
-        self._send_accesses(ctx.wall() - since - margin, name)
+        await self.send_accesses(ctx.wall() - since - margin, name)
         # Logouts of the gap's length, with what is left of their lifetime.
         now = ctx.wall()
         young = now + ctx.timing.tombstone_ttl - since - margin
-        items = [
-            (t, until - now)
-            for t, until in ctx.store.tombstones.items()
-            if until > now and until >= young and t not in ctx.store.rotating  # (not dead before it commits)
-        ]
-        send_items(ctx, ctx.channel(name), m.Invalidate, items)
+        rotating = ctx.store.rotating  # (not dead before it commits)
+        young_ones = await select(
+            list(ctx.store.tombstones.items()),
+            lambda i: i[1] > now and i[1] >= young and i[0] not in rotating,
+            ctx.mono,
+        )
+        send_items(ctx, ctx.channel(name), m.Invalidate, [(t, until - now) for t, until in young_ones])
 
     def on_digest(self, member: Member, env: m.Envelope) -> None:
         body = env.body
@@ -591,7 +606,9 @@ class Replication:
 
     async def _compare_digest(self, owner: str, hashes: tuple[int, ...]) -> None:
         ctx = self.ctx
-        ours = await digest([e for e in list(ctx.store.backups.values()) if e.owner == owner])
+        ours = await digest(
+            await select(list(ctx.store.backups.values()), lambda e: e.owner == owner, ctx.mono), ctx.mono
+        )
         differ = tuple(i for i, (a, b) in enumerate(zip(ours, hashes, strict=True)) if a != b)
         if differ and owner in ctx.members.members:
             ctx.outbox.send(ctx.channel(owner), m.Need(differ))
@@ -604,17 +621,16 @@ class Replication:
     async def _send_buckets(self, name: str, buckets: tuple[int, ...]) -> None:
         ctx = self.ctx
         wanted = set(buckets)
-        entries = [e for e in list(ctx.store.owned.values()) if e.backup == name and bucket_of(e.token) in wanted]
+        owned = ctx.store.owned
+        entries = await select(
+            list(owned.values()), lambda e: e.backup == name and bucket_of(e.token) in wanted, ctx.mono
+        )
         # PRUNE first (control messages leave before replication in a flush): the asker
         # drops its copies we no longer have, then gets the current ones.
         ctx.outbox.send(ctx.channel(name), m.Prune(buckets, tuple(e.token for e in entries)))
-        for n, e in enumerate(entries, 1):
-            if ctx.store.owned.get(e.token) is e and e.version > 0:
-                fut = self.enqueue(e)
-                if fut is not None:
-                    fut.add_done_callback(consume)
-            if n % CHUNK == 0:
-                await asyncio.sleep(0)
+        async for e in paced(entries, ctx.mono):
+            if owned.get(e.token) is e and e.version > 0:
+                self.resend(e)
         ctx.stats.resync_sessions_sent += len(entries)
 
     def on_prune(self, member: Member, env: m.Envelope) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from redis.backoff import ExponentialWithJitterBackoff
 
+from ..pacing import Slicer
 from ..redis_url import RedisTarget, parse_redis_url
 from .redis_base import ADOPT, CLAIM, REDIS_ERRORS, REFRESH, RELEASE, Feed, Options, Script, Topology
 from .redis_cluster import ClusterRedis
@@ -305,6 +306,9 @@ class RedisTransport:
     async def _read(self, feed: Feed, on_message: OnMessage) -> None:
         loop = asyncio.get_running_loop()
         pubsub = feed.pubsub
+        # Messages already buffered are read without a pause: a backlog (a resync's
+        # batches) would be handled in one piece, so it is handled in slices.
+        slicer = Slicer(loop.time, check=1)
         while True:
             msg = await pubsub.get_message(timeout=None)
             feed.last_heard = loop.time()
@@ -314,6 +318,8 @@ class RedisTransport:
             kind = msg["type"]
             if kind == "message" or kind == "smessage":
                 on_message(_text(msg["channel"]), msg["data"])
+                if slicer.due():
+                    await slicer.pause()
             elif kind in ("unsubscribe", "sunsubscribe"):
                 # We never unsubscribe: Redis ended it (the channel's slot moved to
                 # another shard, or this node stopped being a primary).

@@ -1,0 +1,84 @@
+"""Long passes in short slices, so that a node holding 200,000 sessions keeps serving.
+
+A pass over every session (sweep, resync, rebalance, adoption, the access flush) costs
+from a fraction of a microsecond to tens of microseconds per session: at 200,000
+sessions, from tens of milliseconds to seconds of work. Run in one piece it stalls every
+request on the node for that long. A pass instead asks a :class:`Slicer` after each item
+whether its slice is used up, and gives the event loop back when it is: requests wait at
+most about one slice per step of theirs.
+
+A slice ends after ``budget`` seconds by the given clock, or after ``cap`` items whatever
+the clock says. The clock is the caller's injected monotonic clock: on a real node that
+is real time; under the simulator's fake clock (which stands still while code runs)
+only ``cap`` ends slices, so a seeded schedule yields at the same points every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: seconds of work before a pass gives the event loop back
+SLICE = 0.002
+#: items before a pass gives the loop back, however fast they went
+CAP = 1000
+#: by default the clock is read once per this many items (a clock call costs about as
+#: much as a cheap item)
+CHECK = 16
+
+
+class Slicer:
+    """Tells a long pass when to give the event loop back: ``if s.due(): await s.pause()``."""
+
+    __slots__ = ("_budget", "_cap", "_check", "_clock", "_n", "_until")
+
+    def __init__(
+        self, clock: Callable[[], float], *, budget: float = SLICE, cap: int = CAP, check: int = CHECK
+    ) -> None:
+        """``check``: read the clock every this many items (1 for items that cost more
+        than a clock call, such as whole messages)."""
+        self._clock = clock
+        self._budget = budget
+        self._cap = cap
+        self._check = check
+        self._n = 0
+        self._until = clock() + budget
+
+    def due(self) -> bool:
+        """One more item done: is the slice used up?"""
+        self._n += 1
+        return self._n >= self._cap or (self._n % self._check == 0 and self._clock() >= self._until)
+
+    async def pause(self) -> None:
+        """Give the event loop back (one turn), then start a new slice."""
+        await asyncio.sleep(0)
+        self._n = 0
+        self._until = self._clock() + self._budget
+
+
+async def paced(items: Iterable[T], clock: Callable[[], float]) -> AsyncIterator[T]:
+    """``items``, with the event loop given back between slices (see :class:`Slicer`).
+
+    The time a consumer spends on an item counts towards its slice. Iterate it to the
+    end (no ``break``): an abandoned async generator is finalized only later.
+    """
+    s = Slicer(clock)
+    for item in items:
+        yield item
+        if s.due():
+            await s.pause()
+
+
+async def select(items: Iterable[T], keep: Callable[[T], bool], clock: Callable[[], float]) -> list[T]:
+    """``[x for x in items if keep(x)]``, in slices."""
+    out: list[T] = []
+    s = Slicer(clock)
+    for item in items:
+        if keep(item):
+            out.append(item)
+        if s.due():
+            await s.pause()
+    return out
