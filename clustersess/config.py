@@ -77,7 +77,9 @@ class Config:
             answers from memory and replicates later; ``"refuse"`` answers 503.
         notify_listeners_on_replication: also fire session listeners on backup nodes.
         gc_freeze: once the application has started, run one full garbage collection
-            and freeze what survives (:mod:`clustersess.heap` says why); once per process.
+            and freeze what survives; and on a node holding 10,000 sessions or more,
+            freeze the heap again after each sweep, so that full collections do not
+            walk every session (:mod:`clustersess.heap` says why and what it costs).
         zone: the failure domain this node runs in, announced in its heartbeats; a
             session's backup is placed in another zone than its owner whenever one is
             live (Infinispan's server hints, Hazelcast's partition groups). Empty

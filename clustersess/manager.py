@@ -109,6 +109,8 @@ class SessionManager:
                 config, stats=self.stats, store=self.store, events=_Events(self), clock=self.clock, transport=transport
             )
         self._refuse = config.on_replication_failure == "refuse"
+        #: with gc_freeze, the sessions stay out of full collections too (see heap.py)
+        self._heap = heap.SessionHeap(self.clock.monotonic) if config.gc_freeze else None
         self.tasks: dict[str, tasks.TaskInfo] = {}
         #: the task group's task, on the event loop that started it (see start())
         self._runner: asyncio.Task[None] | None = None
@@ -231,6 +233,8 @@ class SessionManager:
             self.clock.time(), self.config.max_inactive, release_after, self.clock.monotonic
         )
         self._expired(expired, copies)
+        if self._heap is not None:
+            self._heap.after_sweep(len(self.store.owned) + len(self.store.backups))
 
     def sweep(self) -> None:
         """Expire idle sessions and copies now (the sweeper calls this periodically).

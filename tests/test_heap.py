@@ -80,3 +80,52 @@ def test_real_servers_report_the_frozen_heap(node_factory: Any) -> None:
     frozen = httpx.get(f"{on.url}/cluster.json", timeout=10).json()["gc_frozen_objects"]
     thawed = httpx.get(f"{off.url}/cluster.json", timeout=10).json()["gc_frozen_objects"]
     assert frozen > 1000 and thawed == 0, (frozen, thawed)
+
+
+_SESSION_HEAP = textwrap.dedent(
+    """
+    import gc, json, weakref
+    from clustersess.heap import FREEZE_FROM, THAW_EVERY, SessionHeap
+
+    class Node:
+        pass
+
+    now = [100.0]
+    keeper = SessionHeap(lambda: now[0])
+    seen = {}
+    keeper.after_sweep(FREEZE_FROM - 1)
+    seen["small_node"] = gc.get_freeze_count()
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle, like an entry and its decoded session
+    alive = weakref.ref(a)
+    keeper.after_sweep(FREEZE_FROM)
+    seen["big_node"] = gc.get_freeze_count()
+    del a, b
+    gc.collect()
+    seen["frozen_cycle_kept_by_a_full_collection"] = alive() is not None
+    now[0] += THAW_EVERY - 1
+    keeper.after_sweep(FREEZE_FROM)
+    seen["kept_before_the_thaw"] = alive() is not None
+    now[0] += 1
+    keeper.after_sweep(FREEZE_FROM)
+    seen["collected_at_the_thaw"] = alive() is None
+    seen["frozen_again"] = gc.get_freeze_count()
+    print(json.dumps(seen))
+    """
+)
+
+
+def test_a_big_node_freezes_its_sessions_after_each_sweep_and_thaws_them_now_and_then() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _SESSION_HEAP], env=base_env(), capture_output=True, text=True, timeout=60, check=True
+    )
+    seen = json.loads(out.stdout)
+    assert seen["small_node"] == 0  # a few thousand sessions: full collections are cheap
+    assert seen["big_node"] > 1000
+    # The price, bounded: a cycle frozen while alive outlives full collections until the
+    # next thaw, which reclaims it and freezes the rest again.
+    assert seen["frozen_cycle_kept_by_a_full_collection"]
+    assert seen["kept_before_the_thaw"]
+    assert seen["collected_at_the_thaw"]
+    assert seen["frozen_again"] > 1000
