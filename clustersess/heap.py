@@ -19,9 +19,10 @@ objects (an :class:`~clustersess.session.Entry` each, and the decoded session of
 use), and a full collection walks all of them: 30 to 150 ms on a 2-core VM, during which
 no request is served. CPython runs one whenever the objects that survived since the last
 one number a quarter of those it already holds, which an adoption or a rebalance of
-100,000 sessions does several times. So after each pass of the sweeper,
-:class:`SessionHeap` freezes the heap again (:func:`gc.freeze` costs no walk): full
-collections then walk only what is newer than the last sweep.
+100,000 sessions does several times. So once a node holds ``FREEZE_FROM`` sessions,
+:class:`SessionHeap` freezes the heap again (:func:`gc.freeze` costs no walk) after each
+pass of the sweeper and right after any full collection that took ``SLOW_COLLECTION`` or
+longer: full collections then walk only what is newer than that.
 
 Cycles among frozen objects that become garbage later are not reclaimed until the heap
 is thawed: an entry and its decoded session refer to each other, so a session dropped
@@ -35,6 +36,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("clustersess")
@@ -64,6 +66,31 @@ THAW_EVERY = 3600.0
 #: sessions held (owned and copies) from which full collections cost more than a few
 #: milliseconds, and the heap is frozen after each sweep
 FREEZE_FROM = 10_000
+#: a full collection this long (seconds) freezes what survived it, once a node is that big
+SLOW_COLLECTION = 0.005
+
+_collection_started = 0.0
+_watching = False
+
+
+def _after_collection(phase: str, info: dict[str, int]) -> None:
+    global _collection_started
+    if info["generation"] != 2:
+        return
+    if phase == "start":
+        _collection_started = time.perf_counter()
+    elif time.perf_counter() - _collection_started >= SLOW_COLLECTION:
+        gc.freeze()  # (the collection is over: what it left is alive)
+
+
+def _watch_collections() -> None:
+    """Freeze after every slow full collection, from now on (once per process)."""
+    global _watching
+    with _lock:
+        if _watching:
+            return
+        _watching = True
+    gc.callbacks.append(_after_collection)
 
 
 class SessionHeap:
@@ -80,6 +107,7 @@ class SessionHeap:
         ``THAW_EVERY``)."""
         if sessions < FREEZE_FROM and not self.freezes:
             return
+        _watch_collections()
         now = self._mono()
         if self.freezes and now - self._thawed >= THAW_EVERY:
             self._thawed = now

@@ -111,6 +111,12 @@ _SESSION_HEAP = textwrap.dedent(
     keeper.after_sweep(FREEZE_FROM)
     seen["collected_at_the_thaw"] = alive() is None
     seen["frozen_again"] = gc.get_freeze_count()
+    # From now on a slow full collection freezes what survived it: sessions made since
+    # the last sweep leave the full collections too.
+    before = gc.get_freeze_count()
+    newer = [Node() for _ in range(1_000_000)]  # (automatic full collections run meanwhile)
+    gc.collect()
+    seen["frozen_by_a_slow_collection"] = gc.get_freeze_count() - before
     print(json.dumps(seen))
     """
 )
@@ -129,3 +135,4 @@ def test_a_big_node_freezes_its_sessions_after_each_sweep_and_thaws_them_now_and
     assert seen["kept_before_the_thaw"]
     assert seen["collected_at_the_thaw"]
     assert seen["frozen_again"] > 1000
+    assert seen["frozen_by_a_slow_collection"] >= 500_000  # most of the million (the last ones collect fast)
