@@ -143,10 +143,10 @@ class Outbox:
         self._messages: list[tuple[str, m.Body, asyncio.Future[Any] | None, bool]] = []
         self._pending: dict[tuple[str, bool], dict[str, Entry]] = {}
         self._pending_waiters: dict[tuple[str, bool], dict[str, list[asyncio.Future[m.Refusal | None]]]] = {}
-        #: the background lane: resends by (channel, handoff), without a future each (a
-        #: resend of 100,000 sessions must not make 100,000 objects that outlive the
-        #: young collections); bytes of it sent and not yet answered
-        self._background: dict[tuple[str, bool], dict[str, Entry]] = {}
+        #: the background lane: resends by channel (never hand-offs), without a future
+        #: each (a resend of 100,000 sessions must not make 100,000 objects that outlive
+        #: the young collections); bytes of it sent and not yet answered
+        self._background: dict[str, dict[str, Entry]] = {}
         self._background_bytes = 0
         #: resends overtaken by a request's write: their answer comes with the write's
         self._overtaken: dict[str, Entry] = {}
@@ -193,7 +193,7 @@ class Outbox:
         self._pending.setdefault(key, {})[token] = entry
         fut: asyncio.Future[m.Refusal | None] = asyncio.get_running_loop().create_future()
         self._pending_waiters.setdefault(key, {}).setdefault(token, []).append(fut)
-        queued = self._background.get(key)
+        queued = None if handoff else self._background.get(channel)
         if queued is not None and (resend := queued.pop(token, None)) is not None:
             self._overtaken[token] = resend  # the write carries it; its answer is the resend's
         self._wake.set()
@@ -206,14 +206,15 @@ class Outbox:
         if pending is not None and entry.token in pending:
             self._overtaken[entry.token] = entry  # already on its way with a write
         else:
-            self._background.setdefault((channel, False), {})[entry.token] = entry
+            self._background.setdefault(channel, {})[entry.token] = entry
         self._wake.set()
 
     def acked(self, channel: str, ack: m.Ack) -> None:
         wait = self._acks.pop((channel, ack.ack), None)
         if wait is None:
             return
-        self._answered(wait)
+        if wait.background:
+            self._answered(wait)
         self._stats.ack_latency.observe(self._mono() - wait.sent)
         refused = {r.token: r for r in ack.refused}
         if wait.resent is not None:
@@ -317,7 +318,8 @@ class Outbox:
                         out = _Round()
             if batch:
                 self._add_batch(out, channel, handoff, batch, ws, now)
-        self._take_background(out, now, wall)
+        if self._background:
+            self._take_background(out, now, wall)
         if out.items:
             await self._publish(out)
         if self._background and self._background_bytes < BACKGROUND_WINDOW:
@@ -328,27 +330,29 @@ class Outbox:
         room = min(BACKGROUND_PER_FLUSH, BACKGROUND_WINDOW - self._background_bytes)
         owned = self._store.owned
         none: dict[str, list[asyncio.Future[m.Refusal | None]]] = {}
-        for key in list(self._background):
+        for channel in list(self._background):
             if room <= 0:
                 break
-            entries = self._background[key]
+            entries = self._background[channel]
             batch: list[m.SessionState] = []
+            resent: dict[str, Entry] = {}
             size = 0
             while entries and room > 0:
                 token, e = entries.popitem()  # (order does not matter: each is its latest state)
                 if owned.get(token) is not e or e.version == 0:
                     continue  # no longer ours (or empty): nothing to resend
                 batch.append(state_of(e, wall))
+                resent[token] = e
                 cost = len(e.payload) + _STATE_OVERHEAD
                 size += cost
                 room -= cost
                 if size >= BATCH_BYTES:
-                    self._add_batch(out, key[0], key[1], batch, none, now, background=size)
-                    batch, size = [], 0
+                    self._add_batch(out, channel, False, batch, none, now, background=size, resent=resent)
+                    batch, resent, size = [], {}, 0
             if batch:
-                self._add_batch(out, key[0], key[1], batch, none, now, background=size)
+                self._add_batch(out, channel, False, batch, none, now, background=size, resent=resent)
             if not entries:
-                del self._background[key]
+                del self._background[channel]
 
     async def _publish(self, out: _Round) -> None:
         try:
@@ -378,15 +382,12 @@ class Outbox:
         now: float,
         *,
         background: int = 0,
+        resent: dict[str, Entry] | None = None,
     ) -> None:
+        """``background``: bytes of resends in ``batch`` (all of it is ``resent``)."""
         seq = self._next_seq(channel)
-        if background:
-            owned = self._store.owned
-            resent: dict[str, Entry] | None = {s.token: owned[s.token] for s in batch}
-        elif self._overtaken:
+        if resent is None and self._overtaken:
             resent = {s.token: e for s in batch if (e := self._overtaken.pop(s.token, None)) is not None} or None
-        else:
-            resent = None
         self._acks[(channel, seq)] = _AckWait(
             {s.token: ws.pop(s.token, []) for s in batch},
             {s.token: s.version for s in batch},
