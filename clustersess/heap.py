@@ -43,6 +43,21 @@ log = logging.getLogger("clustersess")
 
 _lock = threading.Lock()
 _frozen = False
+#: objects frozen at start-up, and how often the sessions were frozen since: counted
+#: here because gc.get_freeze_count() walks the whole frozen list (tens of ms on a big
+#: node), too slow for a status page
+_startup_frozen = 0
+_session_freezes = 0
+
+
+def frozen_at_startup() -> int:
+    """How many objects :func:`freeze_once` froze (0 before it ran, or with gc_freeze off)."""
+    return _startup_frozen
+
+
+def session_freezes() -> int:
+    """How many times a big node froze its sessions (after sweeps and slow collections)."""
+    return _session_freezes
 
 
 def freeze_once() -> bool:
@@ -50,14 +65,15 @@ def freeze_once() -> bool:
 
     Returns whether this call froze the heap (``False`` when an earlier call did).
     """
-    global _frozen
+    global _frozen, _startup_frozen
     with _lock:
         if _frozen:
             return False
         _frozen = True
     gc.collect()
     gc.freeze()
-    log.debug("clustersess: froze %d start-up objects out of the cyclic GC", gc.get_freeze_count())
+    _startup_frozen = gc.get_freeze_count()  # (a small heap yet: a cheap walk)
+    log.debug("clustersess: froze %d start-up objects out of the cyclic GC", _startup_frozen)
     return True
 
 
@@ -73,6 +89,12 @@ _collection_started = 0.0
 _watching = False
 
 
+def _freeze_sessions() -> None:
+    global _session_freezes
+    gc.freeze()
+    _session_freezes += 1
+
+
 def _after_collection(phase: str, info: dict[str, int]) -> None:
     global _collection_started
     if info["generation"] != 2:
@@ -80,7 +102,7 @@ def _after_collection(phase: str, info: dict[str, int]) -> None:
     if phase == "start":
         _collection_started = time.perf_counter()
     elif time.perf_counter() - _collection_started >= SLOW_COLLECTION:
-        gc.freeze()  # (the collection is over: what it left is alive)
+        _freeze_sessions()  # (the collection is over: what it left is alive)
 
 
 def _watch_collections() -> None:
@@ -113,5 +135,5 @@ class SessionHeap:
             self._thawed = now
             gc.unfreeze()
             gc.collect()
-        gc.freeze()
+        _freeze_sessions()
         self.freezes += 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -275,8 +274,10 @@ class SessionManager:
             "tombstones": len(self.store.tombstones),
             "members": [],
             "stats": self.stats.as_dict(),
-            # objects the cyclic GC no longer walks (gc_freeze; 0 when off)
-            "gc_frozen_objects": gc.get_freeze_count(),
+            # objects frozen out of the cyclic GC at start-up, and how often a big node
+            # froze its sessions since (gc_freeze; 0 when off; see heap.py)
+            "gc_frozen_objects": heap.frozen_at_startup(),
+            "gc_session_freezes": heap.session_freezes(),
             "health": self.health().as_dict(),
         }
         if self.cluster is not None:

@@ -22,7 +22,9 @@ node's memory figures and can expire sessions on demand).
   ``LAG_TICK`` seconds and records each wake-up later than ``LAG_REPORT`` as
   ``[when, seconds late]``. A stall is time no request could be served, as opposed to
   a request waiting for Redis or a backup. Also the cyclic garbage collector's passes
-  longer than ``LAG_REPORT`` as ``[when, seconds, generation]``.
+  longer than ``LAG_REPORT`` as ``[when, seconds, generation]``, and what the loop
+  thread was running during stalls of ``STACK_AFTER`` or longer (a watchdog thread
+  records its stack) as ``[when, seconds into the stall, stack]``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ import asyncio
 import contextlib
 import gc
 import os
+import sys
+import threading
 import time
+import traceback
 import tracemalloc
 from collections import deque
 from collections.abc import AsyncIterator
@@ -53,13 +58,37 @@ LAG_REPORT = 0.002
 _stalls: deque[tuple[float, float]] = deque(maxlen=100_000)
 
 
+#: a stall this long has the event loop thread's stack recorded (by a watchdog thread)
+STACK_AFTER = 0.010
+_last_tick = [time.monotonic()]
+#: [when, seconds into the stall, the loop thread's innermost frames]
+_stacks: deque[tuple[float, float, str]] = deque(maxlen=2_000)
+
+
 async def _probe_lag() -> None:
     while True:
         due = time.monotonic() + LAG_TICK
         await asyncio.sleep(LAG_TICK)
-        now = time.monotonic()
+        now = _last_tick[0] = time.monotonic()
         if now - due > LAG_REPORT:
             _stalls.append((now, now - due))
+
+
+def _watchdog(loop_thread: int) -> None:
+    """Records what the event loop thread runs while it is stalled (every STACK_AFTER)."""
+    seen = 0.0
+    while True:
+        time.sleep(0.002)
+        now = time.monotonic()
+        late = now - _last_tick[0] - LAG_TICK
+        if late >= STACK_AFTER and late - seen >= STACK_AFTER:
+            seen = late
+            frame = sys._current_frames().get(loop_thread)
+            if frame is not None:
+                lines = traceback.format_stack(frame, limit=14)
+                _stacks.append((now, late, "".join(lines)))
+        elif late < STACK_AFTER:
+            seen = 0.0
 
 
 _gc_started = 0.0
@@ -83,6 +112,7 @@ gc.callbacks.append(_on_gc)
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     task = asyncio.get_running_loop().create_task(_probe_lag())
+    threading.Thread(target=_watchdog, args=(threading.get_ident(),), daemon=True).start()
     try:
         yield
     finally:
@@ -92,7 +122,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 async def lag(request: Request) -> Response:
     since = float(request.query_params.get("since", "0"))
     return JSONResponse(
-        {"stalls": [s for s in _stalls if s[0] >= since], "collections": [c for c in _collections if c[0] >= since]}
+        {
+            "stalls": [s for s in _stalls if s[0] >= since],
+            "collections": [c for c in _collections if c[0] >= since],
+            "stacks": [st for st in _stacks if st[0] >= since],
+        }
     )
 
 

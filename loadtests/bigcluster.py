@@ -541,6 +541,12 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
                     stalls.setdefault(n, v)
             else:
                 await collect()
+            if args.profile:
+                for n, d in stalls.items():
+                    with open(os.path.join(args.profile, f"{name}-{n}-stalls.txt"), "w") as f:
+                        for when, late, stack in d.get("stacks", []):
+                            if t0 <= when <= t1:
+                                f.write(f"--- {late * 1000:.0f} ms into a stall\n{stack}\n")
             ph = Phase(
                 name, t0, t1, took, info, {n: {k: [s for s in v if s[0] <= t1] for k, v in d.items()} for n, d in stalls.items()}
             )

@@ -85,7 +85,7 @@ def test_real_servers_report_the_frozen_heap(node_factory: Any) -> None:
 _SESSION_HEAP = textwrap.dedent(
     """
     import gc, json, weakref
-    from clustersess.heap import FREEZE_FROM, THAW_EVERY, SessionHeap
+    from clustersess.heap import FREEZE_FROM, THAW_EVERY, SessionHeap, session_freezes
 
     class Node:
         pass
@@ -117,6 +117,7 @@ _SESSION_HEAP = textwrap.dedent(
     newer = [Node() for _ in range(1_000_000)]  # (automatic full collections run meanwhile)
     gc.collect()
     seen["frozen_by_a_slow_collection"] = gc.get_freeze_count() - before
+    seen["session_freezes"] = session_freezes()  # what status() reports, without a walk
     print(json.dumps(seen))
     """
 )
@@ -135,4 +136,5 @@ def test_a_big_node_freezes_its_sessions_after_each_sweep_and_thaws_them_now_and
     assert seen["kept_before_the_thaw"]
     assert seen["collected_at_the_thaw"]
     assert seen["frozen_again"] > 1000
+    assert seen["session_freezes"] >= 4  # three sweeps, then at least one slow collection
     assert seen["frozen_by_a_slow_collection"] >= 500_000  # most of the million (the last ones collect fast)
