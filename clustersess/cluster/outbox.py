@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..pacing import Slicer
 from ..session import Entry
 from ..stats import Stats
 from ..store import LocalStore
@@ -282,7 +283,10 @@ class Outbox:
         messages, self._messages = self._messages, []
         out = _Round()
         now = self._mono()
-        # Control messages go first, in the order they were queued.
+        # Control messages go first, in the order they were queued. Hundreds of them (a
+        # resync's access times) are encoded in slices, each slice's published before
+        # the next (what is queued meanwhile waits for the next flush: order holds).
+        slicer = Slicer(self._mono, check=1)
         for channel, body, fut, acked in messages:
             seq = self._next_seq(channel)
             data = self._encode(channel, seq, body)
@@ -292,6 +296,10 @@ class Outbox:
                 out.add(channel, data, (channel, seq))
             else:
                 out.add(channel, data, fut)
+            if slicer.due():
+                await self._publish(out)
+                out = _Round()
+                await slicer.pause()
         owned = self._store.owned
         wall = self._wall()
         for (channel, handoff), entries in pending.items():

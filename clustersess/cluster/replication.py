@@ -32,6 +32,8 @@ from .transport import TransportError
 
 #: sessions per ACCESSED / INVALIDATE / OWNED message
 ITEMS_PER_MESSAGE = 500
+#: DROPs sent per heartbeat tick, at most
+DROPS_PER_TICK = 5000
 
 
 def send_items(ctx: ClusterContext, channel: str, kind: Callable[[tuple[Any, ...]], m.Body], items: list[Any]) -> None:
@@ -256,9 +258,20 @@ class Replication:
         self._drops.setdefault(holder, []).append((token, epoch))
 
     def send_drops(self) -> None:
+        """Send at most DROPS_PER_TICK of the drops due (a rebalance makes 100,000; the
+        rest go with the next heartbeat ticks: an old backup keeps a copy a little
+        longer, and the tick stays short)."""
         ctx = self.ctx
-        drops, self._drops = self._drops, {}
-        for name, due in drops.items():
+        drops = self._drops
+        budget = DROPS_PER_TICK
+        for name in list(drops):
+            if budget <= 0:
+                break
+            due = drops.pop(name)
+            if len(due) > budget:
+                drops[name] = due[budget:]
+                due = due[:budget]
+            budget -= len(due)
             # Not to a member that is this session's backup again by now: a REPLICATE to
             # it may already be on its way (a DROP queued now leaves before any later one).
             items = [(t, e) for t, e in due if (o := ctx.store.owned.get(t)) is None or o.backup != name]
@@ -636,15 +649,22 @@ class Replication:
     def on_prune(self, member: Member, env: m.Envelope) -> None:
         body = env.body
         assert isinstance(body, m.Prune)
+        # The copies held now (one C-level copy of the table); the REPLICATEs behind the
+        # PRUNE may be applied before the pass is done, and must not be judged by it.
+        held = list(self.ctx.store.backups.items())
+        self.ctx.spawn(self._prune(member.name, set(body.buckets), set(body.tokens), held), "clustersess-resync")
+
+    async def _prune(self, owner: str, buckets: set[int], keep: set[str], held: list[tuple[str, Entry]]) -> None:
+        """Drop the copies in ``held`` of ``owner``'s sessions in ``buckets`` that it does
+        not list, in slices. A copy applied meanwhile is a new object, and stays."""
         ctx = self.ctx
-        buckets, keep = set(body.buckets), set(body.tokens)
-        stale = [
-            t
-            for t, e in ctx.store.backups.items()
-            if e.owner == member.name and t not in keep and bucket_of(t) in buckets
-        ]
-        for t in stale:
-            del ctx.store.backups[t]
+        backups = ctx.store.backups
+        stale = await select(
+            held, lambda i: i[1].owner == owner and i[0] not in keep and bucket_of(i[0]) in buckets, ctx.mono
+        )
+        async for t, e in paced(stale, ctx.mono):
+            if backups.get(t) is e:
+                del backups[t]
 
 
 def _time_out(fut: asyncio.Future[Any]) -> None:
