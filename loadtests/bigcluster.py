@@ -367,6 +367,9 @@ def report_line(phase: Phase, prober: Prober) -> list[str]:
                 errors[s.error] = errors.get(s.error, 0) + 1
         failed = ", ".join(f"{n} {e}" for e, n in sorted(errors.items())) or "0"
         p99 = pct(ok, 99)
+        by_kind = "/".join(
+            f"{pct([x.ms for x in samples if x.ms is not None and x.kind == k], 99):.0f}" for k in ("read", "write")
+        )
         seen = phase.stalls.get(node, {})
         stalls = [late for _, late in seen.get("stalls", [])]
         stall = f"{max(stalls) * 1000:.0f} ms, {sum(stalls) * 1000:.0f} ms" if stalls else "none"
@@ -375,7 +378,7 @@ def report_line(phase: Phase, prober: Prober) -> list[str]:
         gc_cell = f"{len(gcs)}, {longest[1] * 1000:.0f} ms (gen {longest[2]:.0f})" if longest else "none"
         lines.append(
             f"| {phase.name} | {node} | {len(samples)} | {pct(ok, 50):.1f} | {p99:.1f} | "
-            f"{max(ok, default=float('nan')):.1f} | {failed} | {p99 / P99_TARGET_MS:.2f}x | {stall} | {gc_cell} |"
+            f"{max(ok, default=float('nan')):.1f} | {by_kind} | {failed} | {p99 / P99_TARGET_MS:.2f}x | {stall} | {gc_cell} |"
         )
     return lines
 
@@ -666,13 +669,23 @@ async def run(args: argparse.Namespace, out: list[str]) -> int:
         )
         say("")
         say(
-            "| phase | node | requests | p50 | p99 | max | failed | p99 vs target |"
+            "| phase | node | requests | p50 | p99 | max | p99 reads/writes | failed | p99 vs target |"
             " event loop stalls over 2 ms: longest, total | GC passes over 2 ms: count, longest |"
         )
-        say("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        say("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for ph in phases:
             for line in report_line(ph, prober):
                 say(line)
+        say("")
+        say(f"requests over {P99_TARGET_MS:.0f} ms, per second after each phase's trigger (s: reads+writes):")
+        for ph in phases:
+            slow: dict[int, list[int]] = {}
+            for samples in prober.window(ph.t0, ph.t1).values():
+                for x in samples:
+                    if x.ms is not None and x.ms > P99_TARGET_MS:
+                        slow.setdefault(int(x.at - ph.t0), [0, 0])[x.kind == "write"] += 1
+            if slow:
+                say(f"  {ph.name}: " + ", ".join(f"{t}: {r}+{w}" for t, (r, w) in sorted(slow.items())))
         ours = sum(spent) + sum(
             proc_jiffies(p)
             for p in [

@@ -37,8 +37,8 @@ _STATE_OVERHEAD = 200
 #: one pipelined publish carries at most about this much; a bigger flush goes in parts
 PUBLISH_BYTES = 4 * 1024 * 1024
 #: background resends unacknowledged at a time, and per flush (bytes of session data)
-BACKGROUND_WINDOW = 256 * 1024
-BACKGROUND_PER_FLUSH = 64 * 1024
+BACKGROUND_WINDOW = 96 * 1024
+BACKGROUND_PER_FLUSH = 32 * 1024
 
 
 class NoReceiver(Exception):
@@ -286,7 +286,7 @@ class Outbox:
         # Control messages go first, in the order they were queued. Hundreds of them (a
         # resync's access times) are encoded in slices, each slice's published before
         # the next (what is queued meanwhile waits for the next flush: order holds).
-        slicer = Slicer(self._mono, check=1)
+        slicer = Slicer(self._mono, check=1, shared=False)
         for channel, body, fut, acked in messages:
             seq = self._next_seq(channel)
             data = self._encode(channel, seq, body)

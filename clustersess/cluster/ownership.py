@@ -37,6 +37,10 @@ from .outbox import state_of
 from .replication import Replication, entry_from, send_items
 from .transport import TransportError
 
+#: OWNED announcements sent at most per turn, and the pause between such turns (s)
+OWNED_PER_TURN = 1000
+OWNED_PACE = 0.01
+
 
 @dataclasses.dataclass(slots=True, eq=False)
 class _Round:
@@ -92,6 +96,8 @@ class Ownership:
         self._answers: dict[str, list[tuple[str, int, versions.VV]]] = {}
         #: OWNED announcements waiting to be sent, coalesced
         self._owned_due: list[tuple[str, int, versions.VV]] = []
+        #: more announcements are due than one turn sends: the next send is scheduled
+        self._owned_paced = False
         #: token -> a rival claim (member, epoch, vector) heard while we were taking it
         #: over: weighed once our takeover ends
         self._rivals: dict[str, tuple[str, int, versions.VV]] = {}
@@ -352,7 +358,7 @@ class Ownership:
 
     def announce(self, entry: Entry) -> None:
         self._owned_due.append((entry.token, entry.epoch, entry.vv))
-        if len(self._owned_due) == 1:
+        if len(self._owned_due) == 1 and not self._owned_paced:
             asyncio.get_running_loop().call_soon(self._send_owned)
 
     def _answer(self, name: str, token: str, newer: Entry) -> None:
@@ -385,8 +391,15 @@ class Ownership:
                 del self.unconfirmed[token]
 
     def _send_owned(self) -> None:
-        due, self._owned_due = self._owned_due, []
-        send_items(self.ctx, self.ctx.ch_all, m.Owned, due)
+        # An adoption announces 100,000 sessions: at most OWNED_PER_TURN per OWNED_PACE,
+        # so that every receiver's inbound stream holds only a few of them ahead of the
+        # ACKs that requests wait for (a late announcement is like a delayed one).
+        due = self._owned_due
+        self._owned_due = due[OWNED_PER_TURN:]
+        send_items(self.ctx, self.ctx.ch_all, m.Owned, due[:OWNED_PER_TURN])
+        self._owned_paced = bool(self._owned_due)
+        if self._owned_paced:
+            asyncio.get_running_loop().call_later(OWNED_PACE, self._send_owned)
 
     # == reconciliation ========================================================================
     def reclaiming(self, token: str) -> bool:

@@ -308,7 +308,7 @@ class RedisTransport:
         pubsub = feed.pubsub
         # Messages already buffered are read without a pause: a backlog (a resync's
         # batches) would be handled in one piece, so it is handled in slices.
-        slicer = Slicer(loop.time, check=1)
+        slicer = Slicer(loop.time, check=1, shared=False)
         while True:
             msg = await pubsub.get_message(timeout=None)
             feed.last_heard = loop.time()
