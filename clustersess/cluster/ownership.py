@@ -38,7 +38,7 @@ from .replication import Replication, entry_from, send_items
 from .transport import TransportError
 
 #: OWNED announcements sent at most per turn, and the pause between such turns (s)
-OWNED_PER_TURN = 1000
+OWNED_PER_TURN = 500
 OWNED_PACE = 0.01
 
 
