@@ -83,9 +83,10 @@ class Slicer:
         else:
             _quiet_until = self._clock() + GAP
             await asyncio.sleep(0)
-            # Once only: under a clock that stands still (a test's fake clock) the quiet
-            # time would never pass.
-            wait = _quiet_until - self._clock()
+            # Once only, and never longer than a slice and its gap: under a clock that
+            # stands still (a test's fake clock) the quiet time would never pass, and
+            # passes with different clocks (an injected one) share the marker.
+            wait = min(_quiet_until - self._clock(), self._budget + GAP)
             if wait > 0:
                 await asyncio.sleep(wait)
             # Our slice starts: a pass waking meanwhile waits until it is over.
