@@ -68,8 +68,16 @@ class ClusterContext:
     def ch_all(self) -> str:
         return f"{self.config.cluster_name}:all"
 
+    #: node name -> its direct channel (built once: every write names one)
+    _channels: dict[str, str] = dataclasses.field(default_factory=dict, init=False, repr=False)
+
     def channel(self, node: str) -> str:
-        return f"{self.config.cluster_name}:node:{node}"
+        name = self._channels.get(node)
+        if name is None:
+            if len(self._channels) >= 4096:
+                self._channels.clear()  # (names of members long gone)
+            name = self._channels[node] = f"{self.config.cluster_name}:node:{node}"
+        return name
 
     def claim_key(self, node: str) -> str:
         return f"{self.config.cluster_name}:claim:{{{node}}}"

@@ -63,4 +63,7 @@ def choose_among(token: str, owner_zone: str, candidates: Iterable[tuple[str, st
     near: list[str] = []
     for name, zone in candidates:
         (near if zone and zone == owner_zone else away).append(name)
-    return rendezvous(token, away or near)
+    chosen = away or near
+    if len(chosen) == 1:
+        return chosen[0]  # the only candidate wins whatever its weight (two-node clusters)
+    return rendezvous(token, chosen)

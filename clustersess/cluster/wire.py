@@ -65,7 +65,15 @@ class Codec:
     def __init__(self, secret_keys: tuple[str, ...], cluster: str) -> None:
         assert secret_keys, "Config guarantees at least one key"
         self.cluster = cluster
-        self._keys = [hmac.new(k.encode(), SALT, hashlib.sha256).digest() for k in reversed(secret_keys)]
+        keys = [hmac.new(k.encode(), SALT, hashlib.sha256).digest() for k in reversed(secret_keys)]
+        # One keyed HMAC per key, copied for each frame: the copy skips the key set-up
+        # (two hashed pads), a third of what a MAC over a small frame costs.
+        self._macs = [hmac.new(key, digestmod=hashlib.sha256) for key in keys]
+
+    def _mac(self, index: int, body: bytes | memoryview) -> bytes:
+        h = self._macs[index].copy()
+        h.update(body)
+        return h.digest()
 
     def encode(self, envelope: Envelope) -> bytes:
         blobs = Blobs()
@@ -73,7 +81,7 @@ class Codec:
         header["blobs"] = [len(b) for b in blobs.items]
         head = orjson.dumps(header)
         body = b"".join([_HLEN.pack(len(head)), head, *blobs.items])
-        return MAGIC + hmac.new(self._keys[0], body, hashlib.sha256).digest() + body
+        return MAGIC + self._mac(0, body) + body
 
     def decode(self, channel: str, raw: bytes) -> Envelope:
         """The envelope of ``raw`` as received on ``channel``; raises :class:`WireError`."""
@@ -88,8 +96,8 @@ class Codec:
             raise BadMessage("header length out of range")
         mac = bytes(raw[len(MAGIC) : len(MAGIC) + MAC_LEN])
         body = memoryview(raw)[len(MAGIC) + MAC_LEN :]
-        for key in self._keys:
-            if hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), mac):
+        for index in range(len(self._macs)):
+            if hmac.compare_digest(self._mac(index, body), mac):
                 break
         else:
             raise BadMac("message authentication failed")
