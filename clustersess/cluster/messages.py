@@ -104,9 +104,18 @@ def _token(value: Any) -> str:
     return value
 
 
+#: node names that passed :func:`_name` (a cluster has a few; bounded against floods)
+_GOOD_NAMES: set[str] = set()
+
+
 def _name(value: Any) -> str:
+    if type(value) is str and value in _GOOD_NAMES:
+        return value
     if not isinstance(value, str) or not ROUTE_RE.fullmatch(value):
         raise Malformed("bad node name")
+    if len(_GOOD_NAMES) >= 1024:
+        _GOOD_NAMES.clear()
+    _GOOD_NAMES.add(value)
     return value
 
 
@@ -297,8 +306,10 @@ class Ack(Body):
 
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Ack:
-        items = _tuple_of(_list(body, "refused"), 4, "refusals")
-        return cls(_int(body, "ack", 1), tuple(Refusal.from_json(i) for i in items))
+        items = _list(body, "refused")
+        if not items:
+            return cls(_int(body, "ack", 1))  # (the common case: everything applied)
+        return cls(_int(body, "ack", 1), tuple(Refusal.from_json(i) for i in _tuple_of(items, 4, "refusals")))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -525,6 +536,8 @@ BODIES: dict[MsgType, type[Body]] = {
     )
 }  # fmt: skip
 assert set(BODIES) == set(MsgType), "every message type has exactly one body class"
+#: the wire name of a type -> its body class
+_BODY_OF: dict[str, type[Body]] = {kind.value: cls for kind, cls in BODIES.items()}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -537,16 +550,7 @@ class Envelope:
     body: Body
 
     def header(self, blobs: Blobs) -> dict[str, Any]:
-        return {
-            "v": PROTOCOL_VERSION,
-            "c": self.cluster,
-            "ch": self.channel,
-            "t": self.body.TYPE.value,
-            "src": self.src,
-            "inc": self.inc,
-            "seq": self.seq,
-            "b": self.body.to_json(blobs),
-        }
+        return header(self.cluster, self.channel, self.src, self.inc, self.seq, self.body, blobs)
 
     @classmethod
     def from_header(cls, raw: Any, blobs: Blobs) -> Envelope:
@@ -555,10 +559,10 @@ class Envelope:
         version = raw.get("v")
         if type(version) is not int or version != PROTOCOL_VERSION:  # True == 1 and 1.0 == 1
             raise Malformed(f"unsupported protocol version {raw.get('v')!r}")
-        try:
-            kind = MsgType(raw.get("t"))
-        except ValueError:
-            raise Malformed(f"unknown message type {raw.get('t')!r}") from None
+        t = raw.get("t")
+        body = _BODY_OF.get(t) if type(t) is str else None
+        if body is None:
+            raise Malformed(f"unknown message type {t!r}")
         inc = _get(raw, "inc", str)
         if not 0 < len(inc) <= 64:
             raise Malformed("bad incarnation")
@@ -568,5 +572,19 @@ class Envelope:
             _name(raw.get("src")),
             inc,
             _int(raw, "seq", 1),
-            BODIES[kind].from_json(_get(raw, "b", dict), blobs),
+            body.from_json(_get(raw, "b", dict), blobs),
         )
+
+
+def header(cluster: str, channel: str, src: str, inc: str, seq: int, body: Body, blobs: Blobs) -> dict[str, Any]:
+    """The JSON header of an :class:`Envelope` of these fields (senders build no envelope)."""
+    return {
+        "v": PROTOCOL_VERSION,
+        "c": cluster,
+        "ch": channel,
+        "t": body.TYPE,  # (a str enum: orjson writes its value)
+        "src": src,
+        "inc": inc,
+        "seq": seq,
+        "b": body.to_json(blobs),
+    }

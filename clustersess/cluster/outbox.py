@@ -41,6 +41,10 @@ BACKGROUND_WINDOW = 96 * 1024
 BACKGROUND_PER_FLUSH = 32 * 1024
 
 
+#: what an ACK that refused nothing refused (shared, never written to)
+_NOTHING_REFUSED: dict[str, m.Refusal] = {}
+
+
 class NoReceiver(Exception):
     """Nobody was subscribed to the backup's channel (dead, or disconnected from Redis)."""
 
@@ -217,7 +221,7 @@ class Outbox:
         if wait.background:
             self._answered(wait)
         self._stats.ack_latency.observe(self._mono() - wait.sent)
-        refused = {r.token: r for r in ack.refused}
+        refused = {r.token: r for r in ack.refused} if ack.refused else _NOTHING_REFUSED
         if wait.resent is not None:
             for token, entry in wait.resent.items():
                 self.on_resent(entry, refused.get(token))
@@ -448,5 +452,4 @@ class Outbox:
     def _encode(self, channel: str, seq: int, body: m.Body) -> bytes:
         if self._on_sent is not None:
             self._on_sent(channel, seq, body)
-        env = m.Envelope(self._codec.cluster, channel, self._name, self.incarnation, seq, body)
-        return self._codec.encode(env)
+        return self._codec.frame(channel, self._name, self.incarnation, seq, body)

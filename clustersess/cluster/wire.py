@@ -19,7 +19,8 @@ import struct
 
 import orjson
 
-from .messages import Blobs, Envelope, Malformed
+from . import messages
+from .messages import Blobs, Body, Envelope, Malformed
 
 SALT = b"clustersess.wire.v2"
 MAGIC = b"CS2"
@@ -76,12 +77,24 @@ class Codec:
         return h.digest()
 
     def encode(self, envelope: Envelope) -> bytes:
+        e = envelope
+        return self.frame(e.channel, e.src, e.inc, e.seq, e.body, cluster=e.cluster)
+
+    def frame(self, channel: str, src: str, inc: str, seq: int, body: Body, *, cluster: str | None = None) -> bytes:
+        """The frame of a message of these fields (what :meth:`encode` makes of their
+        envelope) in this codec's cluster unless ``cluster`` says otherwise."""
         blobs = Blobs()
-        header = envelope.header(blobs)
-        header["blobs"] = [len(b) for b in blobs.items]
+        header = messages.header(self.cluster if cluster is None else cluster, channel, src, inc, seq, body, blobs)
+        items = blobs.items
+        header["blobs"] = [len(b) for b in items] if items else []
         head = orjson.dumps(header)
-        body = b"".join([_HLEN.pack(len(head)), head, *blobs.items])
-        return MAGIC + self._mac(0, body) + body
+        hlen = _HLEN.pack(len(head))
+        h = self._macs[0].copy()
+        h.update(hlen)
+        h.update(head)
+        for item in items:
+            h.update(item)
+        return b"".join([MAGIC, h.digest(), hlen, head, *items])
 
     def decode(self, channel: str, raw: bytes) -> Envelope:
         """The envelope of ``raw`` as received on ``channel``; raises :class:`WireError`."""
@@ -104,15 +117,23 @@ class Codec:
         try:
             header = orjson.loads(body[_HLEN.size : _HLEN.size + hlen])
             sizes = header.pop("blobs", None) if isinstance(header, dict) else None
-            if not isinstance(sizes, list) or any(type(n) is not int or n < 0 for n in sizes):
+            if type(sizes) is not list:
                 raise Malformed("bad blob table")
             offset = _PREFIX + hlen
-            if offset + sum(sizes) != len(raw):
-                raise Malformed("blob sizes do not add up")
             items = []
-            for n in sizes:
-                items.append(bytes(raw[offset : offset + n]))  # an exact-size copy
-                offset += n
+            if sizes:
+                for n in sizes:
+                    if type(n) is not int or n < 0:
+                        raise Malformed("bad blob table")
+                    offset += n
+                if offset != len(raw):
+                    raise Malformed("blob sizes do not add up")
+                offset = _PREFIX + hlen
+                for n in sizes:
+                    items.append(bytes(raw[offset : offset + n]))  # an exact-size copy
+                    offset += n
+            elif offset != len(raw):
+                raise Malformed("blob sizes do not add up")
             envelope = Envelope.from_header(header, Blobs(items))
         except (ValueError, Malformed, RecursionError) as exc:  # orjson.JSONDecodeError is a ValueError
             raise BadMessage(str(exc)) from None
