@@ -37,6 +37,18 @@ class SessionId(NamedTuple):
         return f"{self.token}.{self.route}"
 
 
+#: tokens are this long, over the alphabet of TOKEN_RE
+TOKEN_LEN = 24
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def all_tokens(values: list[str]) -> bool:
+    """Whether every one of ``values`` (all str) is a well-formed token: one pattern
+    match over them all, for messages that carry hundreds (the same answer as
+    ``TOKEN_RE.fullmatch`` on each)."""
+    return all(len(v) == TOKEN_LEN for v in values) and _TOKEN_CHARS.fullmatch("".join(values)) is not None
+
+
 def new_token() -> str:
     """A fresh random token (144 bits, URL-safe, never containing a dot)."""
     return secrets.token_urlsafe(TOKEN_BYTES)

@@ -123,7 +123,17 @@ class Membership:
         excluded = set(exclude)
         return [n for n, m in self.members.items() if m.candidate and n not in excluded]
 
-    def backup_for(self, token: str, *, exclude: Iterable[str] = ()) -> str | None:
-        """The backup this node gives its session ``token`` among the candidates."""
-        pairs = ((n, mb.zone) for n, mb in self.members.items() if mb.candidate and n not in exclude)
+    def backup_for(
+        self, token: str, *, exclude: Iterable[str] = (), pairs: list[tuple[str, str]] | None = None
+    ) -> str | None:
+        """The backup this node gives its session ``token`` among the candidates
+        (``pairs``: :meth:`candidate_pairs` of now, for a pass that picks for many)."""
+        if pairs is None:
+            pairs = self.candidate_pairs()
+        if exclude:
+            pairs = [p for p in pairs if p[0] not in exclude]
         return choose_among(token, self.zone, pairs)
+
+    def candidate_pairs(self) -> list[tuple[str, str]]:
+        """(name, zone) of every member that may take a backup copy now."""
+        return [(n, mb.zone) for n, mb in self.members.items() if mb.candidate]

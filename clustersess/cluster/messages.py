@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from .. import versions
+from .. import ids, versions
 from ..config import ROUTE_RE
 from ..ids import TOKEN_RE
 
@@ -127,10 +127,18 @@ def _list(body: dict[str, Any], key: str, limit: int = 100_000) -> list[Any]:
 
 
 def _vv(value: Any) -> versions.VV:
+    if type(value) is dict and len(value) == 1:
+        # The common case, one writer whose name was seen before: no pattern match.
+        ((k, n),) = value.items()
+        if type(k) is str and k in _GOOD_NAMES and type(n) is int and 0 < n < 2**53:
+            return (k, n)
     try:
-        return versions.from_json(value, ROUTE_RE)
+        vv = versions.from_json(value, ROUTE_RE)
     except ValueError as exc:
         raise Malformed(str(exc)) from None
+    if len(vv) == 2:
+        _name(vv[0])  # (valid: remembered)
+    return vv
 
 
 def _tuple_of(items: list[Any], arity: int, what: str) -> list[list[Any]]:
@@ -416,12 +424,21 @@ class Owned(Body):
 
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Owned:
-        items = _tuple_of(_list(body, "i"), 3, "owned items")
+        # An adoption announces 100,000 of these, and every member parses them all.
         out = []
-        for token, epoch, vv in items:
+        tokens = []
+        for item in _list(body, "i"):
+            if type(item) is not list or len(item) != 3:
+                raise Malformed("owned items must be a list of 3")
+            token, epoch, vv = item
+            if type(token) is not str:
+                raise Malformed("bad token")
             if type(epoch) is not int or epoch < 0:
                 raise Malformed("bad epoch")
-            out.append((_token(token), epoch, _vv(vv)))
+            out.append((token, epoch, _vv(vv)))
+            tokens.append(token)
+        if not ids.all_tokens(tokens):
+            raise Malformed("bad token")
         return cls(tuple(out))
 
 

@@ -207,12 +207,16 @@ class Outbox:
     def resend(self, channel: str, entry: Entry) -> None:
         """Queue ``entry``'s state for the backup on ``channel`` in the background lane
         (see above); :attr:`on_resent` is told the answer."""
-        pending = self._pending.get((channel, False))
-        if pending is not None and entry.token in pending:
-            self._overtaken[entry.token] = entry  # already on its way with a write
+        token = entry.token
+        if self._pending and token in self._pending.get((channel, False), ()):
+            self._overtaken[token] = entry  # already on its way with a write
         else:
-            self._background.setdefault(channel, {})[entry.token] = entry
-        self._wake.set()
+            lane = self._background.get(channel)
+            if lane is None:
+                lane = self._background[channel] = {}
+            lane[token] = entry
+        if not self._wake.is_set():
+            self._wake.set()
 
     def acked(self, channel: str, ack: m.Ack) -> None:
         wait = self._acks.pop((channel, ack.ack), None)

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import os
 import random
@@ -28,7 +29,7 @@ from typing import Any
 
 from .. import codec, versions
 from ..errors import ReplicationUnavailable, SessionUnavailable
-from ..pacing import paced, select
+from ..pacing import Slicer, select
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
@@ -95,7 +96,9 @@ class Ownership:
         #: member -> our newer claims to tell it (it announced an older one)
         self._answers: dict[str, list[tuple[str, int, versions.VV]]] = {}
         #: OWNED announcements waiting to be sent, coalesced
-        self._owned_due: list[tuple[str, int, versions.VV]] = []
+        #: sessions to announce as ours (their claim is read when it is sent: no tuple
+        #: per session waits in the queue while an adoption announces 100,000)
+        self._owned_due: collections.deque[Entry] = collections.deque()
         #: more announcements are due than one turn sends: the next send is scheduled
         self._owned_paced = False
         #: token -> a rival claim (member, epoch, vector) heard while we were taking it
@@ -341,8 +344,10 @@ class Ownership:
         entry = ctx.store.owned.get(token)
         if entry is None:
             entry = ctx.store.backups.get(token)
-            if entry is None or entry.owner != ctx.name:
+            if entry is None or (entry.owner != ctx.name and entry is not best):
                 entry = Entry(token=token, owner=ctx.name, created=best.created, last_accessed=best.last_accessed)
+            # (else our copy, which an adoption of 100,000 sessions turns into the owned
+            # entry in place: no new object per session for the GC to walk)
         if entry.session is not None and entry.payload != best.payload:
             entry.session.replace_all(codec.decode(best.payload))
         entry.payload = best.payload
@@ -357,7 +362,7 @@ class Ownership:
         return entry
 
     def announce(self, entry: Entry) -> None:
-        self._owned_due.append((entry.token, entry.epoch, entry.vv))
+        self._owned_due.append(entry)
         if len(self._owned_due) == 1 and not self._owned_paced:
             asyncio.get_running_loop().call_soon(self._send_owned)
 
@@ -395,8 +400,13 @@ class Ownership:
         # so that every receiver's inbound stream holds only a few of them ahead of the
         # ACKs that requests wait for (a late announcement is like a delayed one).
         due = self._owned_due
-        self._owned_due = due[OWNED_PER_TURN:]
-        send_items(self.ctx, self.ctx.ch_all, m.Owned, due[:OWNED_PER_TURN])
+        owned = self.ctx.store.owned
+        items = []
+        for _ in range(min(OWNED_PER_TURN, len(due))):
+            entry = due.popleft()
+            if owned.get(entry.token) is entry:  # (else: stepped down or ended since)
+                items.append((entry.token, entry.epoch, entry.vv))
+        send_items(self.ctx, self.ctx.ch_all, m.Owned, items)
         self._owned_paced = bool(self._owned_due)
         if self._owned_paced:
             asyncio.get_running_loop().call_later(OWNED_PACE, self._send_owned)
@@ -608,12 +618,19 @@ class Ownership:
         backups = ctx.store.backups
         copies = await select(list(backups.values()), lambda c: c.owner == name, ctx.mono)
         n = 0
-        async for copy in paced(copies, ctx.mono):
-            if backups.get(copy.token) is copy and not ctx.store.is_dead(copy.token, ctx.wall()):
+        slicer = Slicer(ctx.mono)
+        pairs = ctx.members.candidate_pairs()  # (read again after every pause)
+        now = ctx.wall()
+        for copy in copies:
+            if backups.get(copy.token) is copy and not ctx.store.is_dead(copy.token, now):
                 entry = self.promote(copy, copy.epoch + 1, copy.vv)
-                self.replication.resend(entry)
+                self.replication.resend(entry, pairs)
                 self.announce(entry)
                 n += 1
+            if slicer.due():
+                await slicer.pause()
+                pairs = ctx.members.candidate_pairs()
+                now = ctx.wall()
         ctx.stats.adopted += n
         if n:
             log.info("clustersess: adopted %d session(s) of %s", n, name)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import versions
-from ..pacing import paced, select
+from ..pacing import Slicer, paced, select
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
@@ -117,11 +117,12 @@ class Replication:
         self._lone_logged = False
 
     # == owner side ==========================================================================
-    def _pick_backup(self, entry: Entry) -> str | None:
-        """Choose ``entry``'s backup now and note it on the entry; None if there is nobody."""
+    def _pick_backup(self, entry: Entry, pairs: list[tuple[str, str]] | None = None) -> str | None:
+        """Choose ``entry``'s backup now and note it on the entry; None if there is nobody.
+        (``pairs``: the candidates, if the caller read them in this turn of the loop.)"""
         ctx = self.ctx
         exclude = (entry.owner,) if entry.owner != ctx.name else ()
-        backup = ctx.members.backup_for(entry.token, exclude=exclude)
+        backup = ctx.members.backup_for(entry.token, exclude=exclude, pairs=pairs)
         entry.backup = backup
         if backup is None:
             if ctx.members.members:
@@ -293,19 +294,27 @@ class Replication:
             refill, self._refill = self._refill, set()
             owned = ctx.store.owned
             self._resent_from = {t: old for t, old in self._resent_from.items() if t in owned}
-            async for entry in paced(list(owned.values()), ctx.mono):
-                if owned.get(entry.token) is not entry or entry.version == 0:
-                    continue
-                if entry.backup in refill or ctx.members.backup_for(entry.token) != entry.backup:
-                    self.resend(entry)
+            slicer = Slicer(ctx.mono)
+            pairs = ctx.members.candidate_pairs()  # (read again after every pause)
+            for entry in list(owned.values()):
+                if (
+                    owned.get(entry.token) is entry
+                    and entry.version > 0
+                    and (entry.backup in refill or ctx.members.backup_for(entry.token, pairs=pairs) != entry.backup)
+                ):
+                    self.resend(entry, pairs)
+                if slicer.due():
+                    await slicer.pause()
+                    pairs = ctx.members.candidate_pairs()
 
-    def resend(self, entry: Entry) -> None:
+    def resend(self, entry: Entry, pairs: list[tuple[str, str]] | None = None) -> None:
         """Queue an owned session for its backup again, in the background: a pass's
         resend (resync, rebalance, adoption, retry), which nobody waits for, which
         requests' writes overtake and which the outbox paces (see outbox.py). The
-        backup's answer is acted on when it comes (:meth:`resent`)."""
+        backup's answer is acted on when it comes (:meth:`resent`). ``pairs``: the
+        candidates, read by a pass once per slice."""
         old = entry.backup
-        backup = self._pick_backup(entry)
+        backup = self._pick_backup(entry, pairs)
         if backup is None:
             return
         if old is not None and old != backup:
