@@ -660,20 +660,22 @@ class Replication:
         assert isinstance(body, m.Prune)
         # The copies held now (one C-level copy of the table); the REPLICATEs behind the
         # PRUNE may be applied before the pass is done, and must not be judged by it.
-        held = list(self.ctx.store.backups.items())
+        # (entries, not items(): 200,000 (token, copy) tuples alive across the slices
+        # were what set off full collections during a resync; a copy's token is fixed)
+        held = list(self.ctx.store.backups.values())
         self.ctx.spawn(self._prune(member.name, set(body.buckets), set(body.tokens), held), "clustersess-resync")
 
-    async def _prune(self, owner: str, buckets: set[int], keep: set[str], held: list[tuple[str, Entry]]) -> None:
+    async def _prune(self, owner: str, buckets: set[int], keep: set[str], held: list[Entry]) -> None:
         """Drop the copies in ``held`` of ``owner``'s sessions in ``buckets`` that it does
         not list, in slices. A copy applied meanwhile is a new object, and stays."""
         ctx = self.ctx
         backups = ctx.store.backups
         stale = await select(
-            held, lambda i: i[1].owner == owner and i[0] not in keep and bucket_of(i[0]) in buckets, ctx.mono
+            held, lambda e: e.owner == owner and e.token not in keep and bucket_of(e.token) in buckets, ctx.mono
         )
-        async for t, e in paced(stale, ctx.mono):
-            if backups.get(t) is e:
-                del backups[t]
+        async for e in paced(stale, ctx.mono):
+            if backups.get(e.token) is e:
+                del backups[e.token]
 
 
 def _time_out(fut: asyncio.Future[Any]) -> None:
