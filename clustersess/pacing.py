@@ -30,7 +30,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 #: seconds of work before a pass gives the event loop back
-SLICE = 0.002
+SLICE = 0.001
 #: items before a pass gives the loop back, however fast they went
 CAP = 1000
 #: after a pass's slice, no pass starts another for this long (seconds)

@@ -97,7 +97,9 @@ class Replication:
         #: logouts whose backup has not acknowledged them yet: token -> backup
         self._tombstones_due: dict[str, str] = {}
         #: old backup -> sessions it should drop once their new backup has them
-        self._drops: dict[str, list[tuple[str, int]]] = {}
+        #: (token -> epoch, not tuples: a rebalance makes 100,000 of them, which wait
+        #: for several heartbeat ticks)
+        self._drops: dict[str, dict[str, int]] = {}
         #: token -> its former backup, while a sync write to its new one is awaited
         self._moved: dict[str, str | None] = {}
         #: token -> its former backup, while a resend to its new one is unanswered
@@ -166,7 +168,7 @@ class Replication:
             self.refused(entry, refusal)
         elif old is not None and old != new and old in self.ctx.members.members:
             # The new backup has it: the old one may let its copy go.
-            self._drops.setdefault(old, []).append((entry.token, entry.epoch))
+            self.drop_later(old, entry.token, entry.epoch)
 
     async def replicate(self, entry: Entry) -> bool:
         """Send a committed session to its backup; True if it is confirmed replicated
@@ -256,7 +258,10 @@ class Replication:
 
     def drop_later(self, holder: str, token: str, epoch: int) -> None:
         """Tell ``holder`` (with the next batch) to drop its copy of ``token`` up to ``epoch``."""
-        self._drops.setdefault(holder, []).append((token, epoch))
+        due = self._drops.get(holder)
+        if due is None:
+            due = self._drops[holder] = {}
+        due[token] = max(epoch, due.get(token, epoch))  # (a later move covers an earlier one)
 
     def send_drops(self) -> None:
         """Send at most DROPS_PER_TICK of the drops due (a rebalance makes 100,000; the
@@ -268,14 +273,16 @@ class Replication:
         for name in list(drops):
             if budget <= 0:
                 break
-            due = drops.pop(name)
+            due = drops[name]
             if len(due) > budget:
-                drops[name] = due[budget:]
-                due = due[:budget]
-            budget -= len(due)
+                take = [due.popitem() for _ in range(budget)]  # (order does not matter)
+            else:
+                take = list(due.items())
+                del drops[name]
+            budget -= len(take)
             # Not to a member that is this session's backup again by now: a REPLICATE to
             # it may already be on its way (a DROP queued now leaves before any later one).
-            items = [(t, e) for t, e in due if (o := ctx.store.owned.get(t)) is None or o.backup != name]
+            items = [(t, e) for t, e in take if (o := ctx.store.owned.get(t)) is None or o.backup != name]
             send_items(ctx, ctx.channel(name), m.Drop, items)
 
     def rebalance_soon(self, refill: str | None = None) -> None:
