@@ -119,6 +119,26 @@ async def test_missing_ack_returns_after_ack_timeout_and_requeues(cluster: Clust
     await eventually(lambda: token in n2.store.backups, what="re-replication after a missed ack")
 
 
+async def test_a_write_whose_ack_was_lost_in_a_resubscribe_is_sent_again_at_once(cluster: Cluster) -> None:
+    """Invariant: an ACK published while our subscription was down is lost for good; on
+    re-subscribing we send every unanswered REPLICATE again, so a sync write waiting for
+    one finishes (replicated) instead of waiting out its ack timeout."""
+    n1, n2 = await cluster.start("n1", "n2", ack_timeout=3.0)
+    cookie = await write(n1, None, v=1)
+    token = token_of(n1, cookie)
+    delay_deliveries(cluster, "n1", None)  # n1 hears nothing on its channel: the ACK is lost
+    started = time.perf_counter()
+    pending = asyncio.ensure_future(write(n1, cookie, v=2))
+    await eventually(lambda: n2.store.backups[token].version == 2, what="the backup applied it")
+    await asyncio.sleep(0.05)
+    assert not pending.done()  # waiting for the ACK that was dropped
+    n1.cluster.transport.reset()  # type: ignore[union-attr]  # re-subscribe (the dropper stays, unheard)
+    await asyncio.wait_for(pending, 1.5)
+    assert time.perf_counter() - started < 1.5
+    assert n1.stats.ack_timeouts == 0 and n1.stats.writes_unreplicated == 0
+    assert n2.store.backups[token].version == 2
+
+
 async def test_bus_down_commit_is_prompt_and_session_rereplicated_after(cluster: Cluster) -> None:
     n1, n2 = await cluster.start("n1", "n2", ack_timeout=0.3)
     cookie = await write(n1, None, v=1)

@@ -49,6 +49,13 @@ class NoReceiver(Exception):
     """Nobody was subscribed to the backup's channel (dead, or disconnected from Redis)."""
 
 
+class AnswerLost(NoReceiver):
+    """Our subscription was re-established while this message's answer was due: the
+    answer may have been published while nobody listened (Redis drops it), so the
+    message goes again (a sync write retries at once instead of waiting for its ack
+    timeout; the backup applies a state it already holds as a no-op)."""
+
+
 class NotOwner(Exception):
     """The session stopped being ours before its state was sent."""
 
@@ -250,6 +257,13 @@ class Outbox:
             if wait.background and wait.sent < cutoff:
                 self._answered(wait)
                 wait.background = 0
+
+    def answers_lost(self) -> None:
+        """We re-subscribed: every REPLICATE still unanswered is sent again (its waiters
+        get :class:`AnswerLost`, its sessions are requeued). Messages others wait on as
+        a whole (a hand-off) keep waiting: their senders retry on their own terms."""
+        for key in [k for k, w in self._acks.items() if not w.whole]:
+            self._fail(key, AnswerLost())
 
     def expire_acks(self, cutoff: float) -> None:
         """Give up on acks for messages sent before ``cutoff`` (monotonic); requeue them."""

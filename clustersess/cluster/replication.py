@@ -32,8 +32,10 @@ from .transport import TransportError
 
 #: sessions per ACCESSED / INVALIDATE / OWNED message
 ITEMS_PER_MESSAGE = 500
-#: DROPs sent per heartbeat tick, at most
+#: DROPs sent per heartbeat tick, at most, in turns of DROPS_PER_TURN every DROP_PACE s
 DROPS_PER_TICK = 5000
+DROPS_PER_TURN = 500
+DROP_PACE = 0.01
 
 
 def send_items(ctx: ClusterContext, channel: str, kind: Callable[[tuple[Any, ...]], m.Body], items: list[Any]) -> None:
@@ -100,6 +102,8 @@ class Replication:
         #: (token -> epoch, not tuples: a rebalance makes 100,000 of them, which wait
         #: for several heartbeat ticks)
         self._drops: dict[str, dict[str, int]] = {}
+        #: turns of DROPs left in this heartbeat tick's share (0: none scheduled)
+        self._drop_turns = 0
         #: token -> its former backup, while a sync write to its new one is awaited
         self._moved: dict[str, str | None] = {}
         #: token -> its former backup, while a resend to its new one is unanswered
@@ -204,7 +208,7 @@ class Replication:
             try:
                 refusal = await fut
             except NoReceiver:
-                continue  # the backup was marked unreachable: the next attempt picks another
+                continue  # marked unreachable (the next attempt picks another), or its ACK lost
             except TimeoutError:
                 ctx.stats.ack_timeouts += 1
                 ctx.warn.warning(
@@ -266,10 +270,16 @@ class Replication:
     def send_drops(self) -> None:
         """Send at most DROPS_PER_TICK of the drops due (a rebalance makes 100,000; the
         rest go with the next heartbeat ticks: an old backup keeps a copy a little
-        longer, and the tick stays short)."""
+        longer), DROPS_PER_TURN at a time: 5,000 in one piece stalled the loop for 10 ms."""
+        if self._drops and self._drop_turns == 0:
+            self._drop_turns = DROPS_PER_TICK // DROPS_PER_TURN
+            self._send_drop_turn()
+
+    def _send_drop_turn(self) -> None:
+        self._drop_turns -= 1
         ctx = self.ctx
         drops = self._drops
-        budget = DROPS_PER_TICK
+        budget = DROPS_PER_TURN
         for name in list(drops):
             if budget <= 0:
                 break
@@ -284,6 +294,10 @@ class Replication:
             # it may already be on its way (a DROP queued now leaves before any later one).
             items = [(t, e) for t, e in take if (o := ctx.store.owned.get(t)) is None or o.backup != name]
             send_items(ctx, ctx.channel(name), m.Drop, items)
+        if not drops:
+            self._drop_turns = 0
+        elif self._drop_turns > 0:
+            asyncio.get_running_loop().call_later(DROP_PACE, self._send_drop_turn)
 
     def rebalance_soon(self, refill: str | None = None) -> None:
         """Membership changed: re-replicate whatever now has another backup (``refill``:
@@ -304,24 +318,27 @@ class Replication:
             slicer = Slicer(ctx.mono)
             pairs = ctx.members.candidate_pairs()  # (read again after every pause)
             for entry in list(owned.values()):
-                if (
-                    owned.get(entry.token) is entry
-                    and entry.version > 0
-                    and (entry.backup in refill or ctx.members.backup_for(entry.token, pairs=pairs) != entry.backup)
-                ):
-                    self.resend(entry, pairs)
+                if owned.get(entry.token) is entry and entry.version > 0:
+                    backup = ctx.members.backup_for(entry.token, pairs=pairs)
+                    if backup != entry.backup or backup in refill:
+                        self.resend(entry, pairs, to=backup)
                 if slicer.due():
                     await slicer.pause()
                     pairs = ctx.members.candidate_pairs()
 
-    def resend(self, entry: Entry, pairs: list[tuple[str, str]] | None = None) -> None:
+    def resend(self, entry: Entry, pairs: list[tuple[str, str]] | None = None, *, to: str | None = None) -> None:
         """Queue an owned session for its backup again, in the background: a pass's
         resend (resync, rebalance, adoption, retry), which nobody waits for, which
         requests' writes overtake and which the outbox paces (see outbox.py). The
         backup's answer is acted on when it comes (:meth:`resent`). ``pairs``: the
-        candidates, read by a pass once per slice."""
+        candidates, read by a pass once per slice; ``to``: the backup it just chose from
+        them (the same choice, not hashed twice)."""
         old = entry.backup
-        backup = self._pick_backup(entry, pairs)
+        backup: str | None
+        if to is not None and entry.owner == self.ctx.name:
+            entry.backup = backup = to
+        else:
+            backup = self._pick_backup(entry, pairs)
         if backup is None:
             return
         if old is not None and old != backup:
