@@ -23,6 +23,7 @@ from .membership import Membership
 from .outbox import Outbox, RateLimitedLog
 from .timing import Timing
 from .transport import Transport
+from .trickle import Trickle
 from .wire import Codec
 
 log = logging.getLogger("clustersess.cluster")
@@ -56,6 +57,8 @@ class ClusterContext:
     members: Membership
     proof: SelfProof
     outbox: Outbox
+    #: bulk control items, paced (see trickle.py)
+    trickle: Trickle
     warn: RateLimitedLog
     #: start a background task owned by the manager's task group
     spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]

@@ -36,6 +36,7 @@ from .ownership import Ownership
 from .replication import Replication
 from .timing import Timing
 from .transport import RedisTransport, Transport, TransportError
+from .trickle import Trickle
 from .wire import Codec
 
 #: a stopping node leaves once no session has reached it for this long
@@ -115,6 +116,7 @@ class ClusterNode:
             members=self.members,
             proof=self.proof,
             outbox=self.outbox,
+            trickle=Trickle(self.outbox),
             warn=warn,
             spawn=self._spawn,
         )

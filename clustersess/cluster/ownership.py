@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import os
 import random
@@ -39,8 +38,6 @@ from .replication import Replication, entry_from, send_items
 from .transport import TransportError
 
 #: OWNED announcements sent at most per turn, and the pause between such turns (s)
-OWNED_PER_TURN = 500
-OWNED_PACE = 0.01
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -96,11 +93,6 @@ class Ownership:
         #: member -> our newer claims to tell it (it announced an older one)
         self._answers: dict[str, list[tuple[str, int, versions.VV]]] = {}
         #: OWNED announcements waiting to be sent, coalesced
-        #: sessions to announce as ours (their claim is read when it is sent: no tuple
-        #: per session waits in the queue while an adoption announces 100,000)
-        self._owned_due: collections.deque[Entry] = collections.deque()
-        #: more announcements are due than one turn sends: the next send is scheduled
-        self._owned_paced = False
         #: token -> a rival claim (member, epoch, vector) heard while we were taking it
         #: over: weighed once our takeover ends
         self._rivals: dict[str, tuple[str, int, versions.VV]] = {}
@@ -362,9 +354,14 @@ class Ownership:
         return entry
 
     def announce(self, entry: Entry) -> None:
-        self._owned_due.append(entry)
-        if len(self._owned_due) == 1 and not self._owned_paced:
-            asyncio.get_running_loop().call_soon(self._send_owned)
+        """Tell everyone that ``entry``'s session is ours (paced: an adoption announces
+        100,000; the claim is read when it leaves)."""
+        self.ctx.trickle.add(self.ctx.ch_all, m.Owned, (entry,), self._claims)
+
+    def _claims(self, entries: list[Entry]) -> list[tuple[str, int, versions.VV]]:
+        owned = self.ctx.store.owned
+        # (not sent for a session we stepped down from or that ended meanwhile)
+        return [(e.token, e.epoch, e.vv) for e in entries if owned.get(e.token) is e]
 
     def _answer(self, name: str, token: str, newer: Entry) -> None:
         """Tell member ``name``, which announced an older claim on ``token``, of ``newer``."""
@@ -394,22 +391,6 @@ class Ownership:
         for token, why in list(self.unconfirmed.items()):
             if why == "rejoin":
                 del self.unconfirmed[token]
-
-    def _send_owned(self) -> None:
-        # An adoption announces 100,000 sessions: at most OWNED_PER_TURN per OWNED_PACE,
-        # so that every receiver's inbound stream holds only a few of them ahead of the
-        # ACKs that requests wait for (a late announcement is like a delayed one).
-        due = self._owned_due
-        owned = self.ctx.store.owned
-        items = []
-        for _ in range(min(OWNED_PER_TURN, len(due))):
-            entry = due.popleft()
-            if owned.get(entry.token) is entry:  # (else: stepped down or ended since)
-                items.append((entry.token, entry.epoch, entry.vv))
-        send_items(self.ctx, self.ctx.ch_all, m.Owned, items)
-        self._owned_paced = bool(self._owned_due)
-        if self._owned_paced:
-            asyncio.get_running_loop().call_later(OWNED_PACE, self._send_owned)
 
     # == reconciliation ========================================================================
     def reclaiming(self, token: str) -> bool:

@@ -32,10 +32,6 @@ from .transport import TransportError
 
 #: sessions per ACCESSED / INVALIDATE / OWNED message
 ITEMS_PER_MESSAGE = 500
-#: DROPs sent per heartbeat tick, at most, in turns of DROPS_PER_TURN every DROP_PACE s
-DROPS_PER_TICK = 5000
-DROPS_PER_TURN = 500
-DROP_PACE = 0.01
 
 
 def send_items(ctx: ClusterContext, channel: str, kind: Callable[[tuple[Any, ...]], m.Body], items: list[Any]) -> None:
@@ -102,8 +98,6 @@ class Replication:
         #: (token -> epoch, not tuples: a rebalance makes 100,000 of them, which wait
         #: for several heartbeat ticks)
         self._drops: dict[str, dict[str, int]] = {}
-        #: turns of DROPs left in this heartbeat tick's share (0: none scheduled)
-        self._drop_turns = 0
         #: token -> its former backup, while a sync write to its new one is awaited
         self._moved: dict[str, str | None] = {}
         #: token -> its former backup, while a resend to its new one is unanswered
@@ -268,36 +262,18 @@ class Replication:
         due[token] = max(epoch, due.get(token, epoch))  # (a later move covers an earlier one)
 
     def send_drops(self) -> None:
-        """Send at most DROPS_PER_TICK of the drops due (a rebalance makes 100,000; the
-        rest go with the next heartbeat ticks: an old backup keeps a copy a little
-        longer), DROPS_PER_TURN at a time: 5,000 in one piece stalled the loop for 10 ms."""
-        if self._drops and self._drop_turns == 0:
-            self._drop_turns = DROPS_PER_TICK // DROPS_PER_TURN
-            self._send_drop_turn()
-
-    def _send_drop_turn(self) -> None:
-        self._drop_turns -= 1
+        """Send the drops due (each heartbeat tick; a rebalance makes 100,000), paced."""
         ctx = self.ctx
-        drops = self._drops
-        budget = DROPS_PER_TURN
-        for name in list(drops):
-            if budget <= 0:
-                break
-            due = drops[name]
-            if len(due) > budget:
-                take = [due.popitem() for _ in range(budget)]  # (order does not matter)
-            else:
-                take = list(due.items())
-                del drops[name]
-            budget -= len(take)
-            # Not to a member that is this session's backup again by now: a REPLICATE to
-            # it may already be on its way (a DROP queued now leaves before any later one).
-            items = [(t, e) for t, e in take if (o := ctx.store.owned.get(t)) is None or o.backup != name]
-            send_items(ctx, ctx.channel(name), m.Drop, items)
-        if not drops:
-            self._drop_turns = 0
-        elif self._drop_turns > 0:
-            asyncio.get_running_loop().call_later(DROP_PACE, self._send_drop_turn)
+        drops, self._drops = self._drops, {}
+        owned = ctx.store.owned
+        for name, due in drops.items():
+
+            def still_due(items: list[tuple[str, int]], name: str = name) -> list[tuple[str, int]]:
+                # Not to a member that is this session's backup again by now: a REPLICATE
+                # to it may already be on its way.
+                return [(t, e) for t, e in items if (o := owned.get(t)) is None or o.backup != name]
+
+            ctx.trickle.add(ctx.channel(name), m.Drop, due.items(), still_due)
 
     def rebalance_soon(self, refill: str | None = None) -> None:
         """Membership changed: re-replicate whatever now has another backup (``refill``:
@@ -353,13 +329,23 @@ class Replication:
         """Send the idle time of every owned session used at or after ``since`` to its
         backup (``only``: to that backup only); returns how many sessions that covered."""
         ctx = self.ctx
-        now = ctx.wall()
-        by_backup: dict[str, list[tuple[str, int, float]]] = {}
+        by_backup: dict[str, list[Entry]] = {}
         async for e in paced(list(ctx.store.owned.values()), ctx.mono):
             if e.last_accessed >= since and e.backup is not None and (only is None or e.backup == only):
-                by_backup.setdefault(e.backup, []).append((e.token, e.epoch, max(0.0, now - e.last_accessed)))
-        for dest, items in by_backup.items():
-            send_items(ctx, ctx.channel(dest), m.Accessed, items)
+                by_backup.setdefault(e.backup, []).append(e)
+        owned = ctx.store.owned
+        for dest, entries in by_backup.items():
+
+            def idle_times(entries: list[Entry], dest: str = dest) -> list[tuple[str, int, float]]:
+                # (read when the message leaves: still ours, still backed up there)
+                now = ctx.wall()
+                return [
+                    (e.token, e.epoch, max(0.0, now - e.last_accessed))
+                    for e in entries
+                    if owned.get(e.token) is e and e.backup == dest
+                ]
+
+            ctx.trickle.add(ctx.channel(dest), m.Accessed, entries, idle_times)
         return sum(map(len, by_backup.values()))
 
     # -- logouts -----------------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""The trickle: bulk control items leave one message per turn, rendered when they leave."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from clustersess.cluster import messages as m
+from clustersess.cluster import trickle
+from clustersess.cluster.trickle import Trickle
+
+
+class Sent:
+    """Stands in for the outbox: records what would be published."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, m.Drop]] = []
+
+    def send(self, channel: str, body: m.Body, *, counted: bool = False) -> None:
+        assert isinstance(body, m.Drop)
+        self.messages.append((channel, body))
+
+
+def tokens(n: int, prefix: str = "A") -> list[tuple[str, int]]:
+    return [(f"{prefix}{i:023d}", 1) for i in range(n)]
+
+
+async def test_a_big_batch_leaves_one_message_per_turn() -> None:
+    sent = Sent()
+    t = Trickle(sent)  # type: ignore[arg-type]
+    t.add("ch:node:b", m.Drop, tokens(trickle.PER_TURN * 2 + 7))
+    await asyncio.sleep(0)
+    assert [len(b.items) for _, b in sent.messages] == [trickle.PER_TURN]  # the first at once
+    assert t.pending() == trickle.PER_TURN + 7
+    await asyncio.sleep(trickle.PACE * 0.5)
+    assert len(sent.messages) == 1  # and no more before the pace allows
+    await asyncio.sleep(trickle.PACE * 3)
+    assert [len(b.items) for _, b in sent.messages] == [trickle.PER_TURN, trickle.PER_TURN, 7]
+    assert t.pending() == 0
+    sent_items = [i for _, b in sent.messages for i in b.items]
+    assert sent_items == tokens(trickle.PER_TURN * 2 + 7)  # in order, each once
+
+
+async def test_items_are_rendered_when_they_leave() -> None:
+    """A claim given up (or a drop whose session has that backup again) after it was
+    queued is not sent: the render reads the state of the moment it leaves."""
+    sent = Sent()
+    t = Trickle(sent)  # type: ignore[arg-type]
+    withdrawn: set[str] = set()
+
+    def render(items: list[Any]) -> list[Any]:
+        return [i for i in items if i[0] not in withdrawn]
+
+    items = tokens(trickle.PER_TURN + 3)
+    t.add("ch:all", m.Drop, items, render)
+    await asyncio.sleep(0)
+    withdrawn.update(tok for tok, _ in items[trickle.PER_TURN :])  # the second turn's, meanwhile
+    await asyncio.sleep(trickle.PACE * 3)
+    assert len(sent.messages) == 1 and len(sent.messages[0][1].items) == trickle.PER_TURN
+    assert t.pending() == 0
+
+
+async def test_queues_share_the_turns() -> None:
+    """Two destinations' queues alternate: one big queue does not hold the other back, and
+    a turn never sends more than PER_TURN items in all."""
+    sent = Sent()
+    t = Trickle(sent)  # type: ignore[arg-type]
+    t.add("ch:node:b", m.Drop, tokens(trickle.PER_TURN * 3, "B"))
+    t.add("ch:node:c", m.Drop, tokens(10, "C"))
+    await asyncio.sleep(0)
+    await asyncio.sleep(trickle.PACE * 1.5)
+    channels = [ch for ch, _ in sent.messages]
+    assert channels[:2] == ["ch:node:b", "ch:node:c"]
+    await asyncio.sleep(trickle.PACE * 4)
+    per_channel = {ch: sum(len(b.items) for c, b in sent.messages if c == ch) for ch in channels}
+    assert per_channel == {"ch:node:b": trickle.PER_TURN * 3, "ch:node:c": 10}
