@@ -487,6 +487,40 @@ async def test_logout_missed_by_a_disconnected_backup_reaches_it_on_resync(clust
     assert cluster.holders(token) == {}
 
 
+async def test_a_resync_prunes_every_differing_bucket_in_bounded_messages(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PRUNE lists whole buckets, at most PRUNE_TOKENS tokens per message: one PRUNE for
+    all 64 buckets of a big node listed more tokens than a receiver takes, was dropped as
+    malformed, and the asker (seeing a gap) asked again and again."""
+    from clustersess.cluster import replication
+
+    monkeypatch.setattr(replication, "PRUNE_TOKENS", 3)
+    n1, n2 = await cluster.start("n1", "n2")
+    cookies = [await write(n1, None, i=i) for i in range(40)]
+    live = {token_of(n1, c) for c in cookies}
+    assert live <= set(n2.store.backups)
+    # copies n1 no longer has, in many buckets (their logouts missed, say)
+    stale = []
+    for i, first in enumerate("ABCDEFGHIJKLMNOP"):
+        token = f"{first}{i:023d}"
+        n2.store.backups[token] = dataclasses.replace(n2.store.backups[next(iter(live))], token=token)
+        stale.append(token)
+    sent_before = len(cluster.bus.published)
+    await n2.cluster._on_connect(False)  # type: ignore[union-attr]  # a gap: RESYNC, DIGEST, NEED, PRUNE
+    await eventually(lambda: not set(stale) & set(n2.store.backups), what="the stale copies pruned")
+    assert live <= set(n2.store.backups)  # and every live copy kept
+    codec = n1.cluster.ctx.codec  # type: ignore[union-attr]
+    prunes = [
+        env.body
+        for ch, data in cluster.bus.published[sent_before:]
+        if isinstance((env := codec.decode(ch, data)).body, m.Prune)
+    ]
+    assert len(prunes) > 1 and n2.stats.messages_dropped_malformed == 0
+    assert all(len(p.tokens) <= 3 or len(p.buckets) == 1 for p in prunes)
+    assert len({b for p in prunes for b in p.buckets}) == sum(len(p.buckets) for p in prunes)  # each bucket once
+
+
 async def test_a_request_on_a_third_node_before_the_drop_time_takes_over_once(cluster: Cluster) -> None:
     n1, n2, n3 = await cluster.start("n1", "n2", "n3", drop_time=0.5)
     cookie = await write(n1, None, a=1)

@@ -125,7 +125,11 @@ def _name(value: Any) -> str:
     return value
 
 
-def _list(body: dict[str, Any], key: str, limit: int = 100_000) -> list[Any]:
+#: items a list field of a message may hold
+MAX_ITEMS = 100_000
+
+
+def _list(body: dict[str, Any], key: str, limit: int = MAX_ITEMS) -> list[Any]:
     items: list[Any] = _get(body, key, list)
     if len(items) > limit:
         raise Malformed(f"field {key!r} is too long")

@@ -32,6 +32,8 @@ from .transport import TransportError
 
 #: sessions per ACCESSED / INVALIDATE / OWNED message
 ITEMS_PER_MESSAGE = 500
+#: tokens a PRUNE lists, at most (unless one bucket alone has more; receivers take 100,000)
+PRUNE_TOKENS = 50_000
 
 
 def send_items(ctx: ClusterContext, channel: str, kind: Callable[[tuple[Any, ...]], m.Body], items: list[Any]) -> None:
@@ -658,8 +660,28 @@ class Replication:
             list(owned.values()), lambda e: e.backup == name and bucket_of(e.token) in wanted, ctx.mono
         )
         # PRUNE first (control messages leave before replication in a flush): the asker
-        # drops its copies we no longer have, then gets the current ones.
-        ctx.outbox.send(ctx.channel(name), m.Prune(buckets, tuple(e.token for e in entries)))
+        # drops its copies we no longer have, then gets the current ones. Whole buckets
+        # per message, at most PRUNE_TOKENS tokens each (unless one bucket has more): all
+        # 64 buckets of a node holding 200,000 sessions listed more tokens than a message
+        # may carry, the asker dropped it as malformed, saw a gap, and asked again.
+        by_bucket: dict[int, list[str]] = {b: [] for b in sorted(wanted)}
+        for e in entries:
+            by_bucket[bucket_of(e.token)].append(e.token)
+        group: list[int] = []
+        tokens: list[str] = []
+        for b, listed in by_bucket.items():
+            if len(listed) > m.MAX_ITEMS:
+                # (6.4 million sessions to one backup) not pruned: its stale copies expire
+                # by idle time instead of being dropped now
+                ctx.warn.warning("prune", "clustersess: resync bucket of %d sessions too big to prune", len(listed))
+                continue
+            if group and len(tokens) + len(listed) > PRUNE_TOKENS:
+                ctx.outbox.send(ctx.channel(name), m.Prune(tuple(group), tuple(tokens)))
+                group, tokens = [], []
+            group.append(b)
+            tokens.extend(listed)
+        if group:
+            ctx.outbox.send(ctx.channel(name), m.Prune(tuple(group), tuple(tokens)))
         async for e in paced(entries, ctx.mono):
             if owned.get(e.token) is e and e.version > 0:
                 self.resend(e)
