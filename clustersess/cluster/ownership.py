@@ -37,8 +37,6 @@ from .outbox import state_of
 from .replication import Replication, entry_from, send_items
 from .transport import TransportError
 
-#: OWNED announcements sent at most per turn, and the pause between such turns (s)
-
 
 @dataclasses.dataclass(slots=True, eq=False)
 class _Round:
@@ -92,7 +90,6 @@ class Ownership:
         self._released: dict[str, int] = {}
         #: member -> our newer claims to tell it (it announced an older one)
         self._answers: dict[str, list[tuple[str, int, versions.VV]]] = {}
-        #: OWNED announcements waiting to be sent, coalesced
         #: token -> a rival claim (member, epoch, vector) heard while we were taking it
         #: over: weighed once our takeover ends
         self._rivals: dict[str, tuple[str, int, versions.VV]] = {}

@@ -96,9 +96,8 @@ class Replication:
         self.unsettled: list[asyncio.Future[Any]] = []
         #: logouts whose backup has not acknowledged them yet: token -> backup
         self._tombstones_due: dict[str, str] = {}
-        #: old backup -> sessions it should drop once their new backup has them
-        #: (token -> epoch, not tuples: a rebalance makes 100,000 of them, which wait
-        #: for several heartbeat ticks)
+        #: old backup -> sessions it should drop now that their new backup has them
+        #: (token -> epoch: a rebalance makes 100,000; sent each heartbeat tick, trickled)
         self._drops: dict[str, dict[str, int]] = {}
         #: token -> its former backup, while a sync write to its new one is awaited
         self._moved: dict[str, str | None] = {}
