@@ -431,7 +431,7 @@ async def test_backup_adopts_the_sessions_of_a_dead_owner_and_survives_a_second_
 
 
 async def test_new_member_gets_only_the_backups_rendezvous_moves_to_it(cluster: Cluster) -> None:
-    n1, _ = await cluster.start("n1", "n2")
+    n1, n2 = await cluster.start("n1", "n2")
     tokens = [token_of(n1, await write(n1, None, i=i)) for i in range(60)]
     assert all(n1.store.owned[t].backup == "n2" for t in tokens)
     n3 = await cluster.add("n3")
@@ -442,6 +442,10 @@ async def test_new_member_gets_only_the_backups_rendezvous_moves_to_it(cluster: 
     assert {t: n1.store.owned[t].backup for t in tokens} == {t: pick_backup(t, ["n2", "n3"]) for t in tokens}
     await asyncio.sleep(0.1)
     assert set(n3.store.backups) == set(moving)  # nothing else was moved
+    # and the old backup drops exactly the copies that moved (DROPs, trickled)
+    staying = set(tokens) - set(moving)
+    await eventually(lambda: not set(moving) & set(n2.store.backups), what="the moved copies dropped")
+    assert staying <= set(n2.store.backups)
 
 
 # -- outages and races ------------------------------------------------------------------------

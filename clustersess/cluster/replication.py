@@ -269,12 +269,14 @@ class Replication:
         owned = ctx.store.owned
         for name, due in drops.items():
 
-            def still_due(items: list[tuple[str, int]], name: str = name) -> list[tuple[str, int]]:
+            def still_due(tokens: list[str], name: str = name, due: dict[str, int] = due) -> list[tuple[str, int]]:
                 # Not to a member that is this session's backup again by now: a REPLICATE
                 # to it may already be on its way.
-                return [(t, e) for t, e in items if (o := owned.get(t)) is None or o.backup != name]
+                return [(t, due[t]) for t in tokens if (o := owned.get(t)) is None or o.backup != name]
 
-            ctx.trickle.add(ctx.channel(name), m.Drop, due.items(), still_due)
+            # (tokens queued, epochs looked up when they leave: 100,000 (token, epoch)
+            # tuples waiting seconds in the queue set off long collections)
+            ctx.trickle.add(ctx.channel(name), m.Drop, due, still_due)
 
     def rebalance_soon(self, refill: str | None = None) -> None:
         """Membership changed: re-replicate whatever now has another backup (``refill``:
