@@ -418,6 +418,7 @@ class ClusterNode:
 
     def _left(self, member: Member) -> None:
         log.warning("clustersess: member %s left (%d live)", member.name, len(self.members.members))
+        self.outbox.release_channel(self.ctx.channel(member.name))
         self._spawn(self.ownership.adopt_from(member.name), "clustersess-adoption")
         self.replication.rebalance_soon()
 
@@ -491,7 +492,7 @@ class ClusterNode:
             self.replication.retry_tombstones()
             self.replication.send_drops()
         self.replication.send_resync()
-        self.outbox.release_window(now - self.timing.ack_timeout)
+        self.outbox.release_window(now - self.timing.ack_expiry / 2)
         self.outbox.expire_acks(now - self.timing.ack_expiry)
 
     def _beat(self, hello: bool = False) -> None:
@@ -592,6 +593,7 @@ class ClusterNode:
                 continue  # its lease still holds (or it was heard meanwhile): wait
             self.members.retire(member.name, member.incarnation)
             self.inbox.forget(member.name, member.incarnation)
+            self.outbox.release_channel(self.ctx.channel(member.name))
             log.warning(
                 "clustersess: member %s lost: silent and its lease lapsed (%d live)",
                 member.name, len(self.members.members),

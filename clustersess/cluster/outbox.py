@@ -229,6 +229,14 @@ class Outbox:
         wait = self._acks.pop((channel, ack.ack), None)
         if wait is None:
             return
+        if self._background_bytes:
+            # A backup answers its channel's messages in order: background resends sent
+            # to it before this one and still unanswered were lost (it reconnected, say),
+            # and leave the window now; a late answer is still acted on.
+            for (ch, seq), lost in self._acks.items():
+                if lost.background and ch == channel and seq < ack.ack:
+                    self._answered(lost)
+                    lost.background = 0
         if wait.background:
             self._answered(wait)
         self._stats.ack_latency.observe(self._mono() - wait.sent)
@@ -250,11 +258,21 @@ class Outbox:
 
     def release_window(self, cutoff: float) -> None:
         """Background resends sent before ``cutoff`` (monotonic) and not answered yet stop
-        counting in the window (their answer may have been lost in a reconnect; it is
-        still acted on if it comes): a lost answer must not stall the lane until
-        :meth:`expire_acks` gives up on it."""
+        counting in the window (a last resort: lost answers are found by the order of
+        the answers that do come and by :meth:`answers_lost`; it is still acted on if it
+        comes). Not after an ACK timeout: a backup busy with
+        100,000 resends answers late but in order, and a window opened under it only
+        deepens its backlog until the resends expire and go again, twice."""
         for wait in self._acks.values():
             if wait.background and wait.sent < cutoff:
+                self._answered(wait)
+                wait.background = 0
+
+    def release_channel(self, channel: str) -> None:
+        """The member on ``channel`` is gone: its unanswered resends leave the window (the
+        lane carries on to the others; the resends expire and are requeued as usual)."""
+        for (ch, _), wait in self._acks.items():
+            if wait.background and ch == channel:
                 self._answered(wait)
                 wait.background = 0
 
