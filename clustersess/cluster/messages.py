@@ -341,10 +341,7 @@ class Accessed(Body):
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Accessed:
         out = []
-        for item in _list(body, "i"):
-            if type(item) is not list or len(item) != 3:
-                raise Malformed("accessed items must be a list of 3")
-            token, epoch, idle = item
+        for token, epoch, idle in _tuple_of(_list(body, "i"), 3, "accessed items"):
             if type(epoch) is not int or epoch < 0:
                 raise Malformed("bad epoch")
             if type(idle) is not float or not 0.0 <= idle < math.inf:  # (the common case)
@@ -442,10 +439,7 @@ class Owned(Body):
         # An adoption announces 100,000 of these, and every member parses them all.
         out = []
         tokens = []
-        for item in _list(body, "i"):
-            if type(item) is not list or len(item) != 3:
-                raise Malformed("owned items must be a list of 3")
-            token, epoch, vv = item
+        for token, epoch, vv in _tuple_of(_list(body, "i"), 3, "owned items"):
             if type(epoch) is not int or epoch < 0:
                 raise Malformed("bad epoch")
             out.append((token, epoch, _vv(vv)))
@@ -465,10 +459,7 @@ class Drop(Body):
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Drop:
         out = []
-        for item in _list(body, "i"):
-            if type(item) is not list or len(item) != 2:
-                raise Malformed("drop items must be a list of 2")
-            token, epoch = item
+        for token, epoch in _tuple_of(_list(body, "i"), 2, "drop items"):
             if type(epoch) is not int or epoch < 0:
                 raise Malformed("bad epoch")
             out.append((token, epoch))
@@ -557,7 +548,9 @@ class Prune(Body):
 
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Prune:
-        return cls(_buckets(body, "b"), tuple(_token(t) for t in _list(body, "t")))
+        tokens = _list(body, "t")
+        _tokens(tokens)
+        return cls(_buckets(body, "b"), tuple(tokens))
 
 
 BODIES: dict[MsgType, type[Body]] = {

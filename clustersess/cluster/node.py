@@ -384,7 +384,7 @@ class ClusterNode:
             # we may lack (incrementally), and what we never had acknowledged goes again.
             self.stats.redis_reconnects += 1
             self.replication.request_resync(gap + self.timing.drop_time)
-            self.ctx.outbox.answers_lost()  # (their ACKs may have come while we were away)
+            self.outbox.answers_lost()  # (their ACKs may have come while we were away)
             self.replication.retry_requeued()
 
     def _sent(self, channel: str, seq: int, body: m.Body) -> None:

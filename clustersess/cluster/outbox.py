@@ -236,7 +236,6 @@ class Outbox:
             for (ch, seq), lost in self._acks.items():
                 if lost.background and ch == channel and seq < ack.ack:
                     self._answered(lost)
-                    lost.background = 0
         if wait.background:
             self._answered(wait)
         self._stats.ack_latency.observe(self._mono() - wait.sent)
@@ -266,7 +265,6 @@ class Outbox:
         for wait in self._acks.values():
             if wait.background and wait.sent < cutoff:
                 self._answered(wait)
-                wait.background = 0
 
     def release_channel(self, channel: str) -> None:
         """The member on ``channel`` is gone: its unanswered resends leave the window (the
@@ -274,7 +272,6 @@ class Outbox:
         for (ch, _), wait in self._acks.items():
             if wait.background and ch == channel:
                 self._answered(wait)
-                wait.background = 0
 
     def answers_lost(self) -> None:
         """We re-subscribed: every REPLICATE still unanswered is sent again (its waiters
@@ -474,9 +471,11 @@ class Outbox:
                     consume(w2)
 
     def _answered(self, wait: _AckWait) -> None:
-        """A message was answered (or given up on): its background bytes leave the window."""
+        """A message was answered (or given up on): its background bytes leave the window
+        (once: a late answer to a resend released earlier counts nothing again)."""
         if wait.background:
             self._background_bytes -= wait.background
+            wait.background = 0
             if self._background:
                 self._wake.set()
 

@@ -119,21 +119,18 @@ class Codec:
             sizes = header.pop("blobs", None) if isinstance(header, dict) else None
             if type(sizes) is not list:
                 raise Malformed("bad blob table")
+            end = _PREFIX + hlen
+            for n in sizes:
+                if type(n) is not int or n < 0:
+                    raise Malformed("bad blob table")
+                end += n
+            if end != len(raw):
+                raise Malformed("blob sizes do not add up")
             offset = _PREFIX + hlen
             items = []
-            if sizes:
-                for n in sizes:
-                    if type(n) is not int or n < 0:
-                        raise Malformed("bad blob table")
-                    offset += n
-                if offset != len(raw):
-                    raise Malformed("blob sizes do not add up")
-                offset = _PREFIX + hlen
-                for n in sizes:
-                    items.append(bytes(raw[offset : offset + n]))  # an exact-size copy
-                    offset += n
-            elif offset != len(raw):
-                raise Malformed("blob sizes do not add up")
+            for n in sizes:
+                items.append(bytes(raw[offset : offset + n]))  # an exact-size copy
+                offset += n
             envelope = Envelope.from_header(header, Blobs(items))
         except (ValueError, Malformed, RecursionError) as exc:  # orjson.JSONDecodeError is a ValueError
             raise BadMessage(str(exc)) from None
