@@ -62,8 +62,14 @@ SAMPLES: dict[m.MsgType, list[m.Body]] = {
     m.MsgType.RESYNC: [m.Resync(12.5), m.Resync(0.0)],
     m.MsgType.RETIRED: [m.Retired("00ff00ff00ff00ff")],
     m.MsgType.DIGEST: [m.Digest(HASHES)],
-    m.MsgType.NEED: [m.Need((0, 63)), m.Need(())],
-    m.MsgType.PRUNE: [m.Prune((1, 2), (TOKEN, TOKEN2)), m.Prune((5,), ())],
+    m.MsgType.NEED: [m.Need((0, 63), listing=True), m.Need((0, 63)), m.Need(())],
+    m.MsgType.PRUNE: [
+        m.Prune((1, 2), (TOKEN, TOKEN2), (3, 0), (7, 2**60)),
+        m.Prune((1, 2), (TOKEN, TOKEN2)),
+        m.Prune((5,), ()),
+        m.Prune((5,), (), (), ()),
+    ],
+    m.MsgType.WANT: [m.Want((TOKEN, TOKEN2)), m.Want(())],
 }
 ALL_BODIES = [b for bodies in SAMPLES.values() for b in bodies]
 
@@ -185,10 +191,11 @@ RETIRED = valid(SAMPLES[m.MsgType.RETIRED][0])
 DIGEST = valid(SAMPLES[m.MsgType.DIGEST][0])
 NEED = valid(SAMPLES[m.MsgType.NEED][0])
 PRUNE = valid(SAMPLES[m.MsgType.PRUNE][0])
+WANT = valid(SAMPLES[m.MsgType.WANT][0])
 BASES = {
     "heartbeat": HB, "leave": LEAVE, "replicate": REP, "ack": ACK, "accessed": ACC, "invalidate": INV,
     "fetch": FETCH, "reply": REPLY, "owned": OWNED, "drop": DROP, "resync": RESYNC, "digest": DIGEST,
-    "need": NEED, "prune": PRUNE, "retired": RETIRED,
+    "need": NEED, "prune": PRUNE, "want": WANT, "retired": RETIRED,
 }  # fmt: skip
 
 # families of wrong values, by what the field must be
@@ -379,10 +386,24 @@ MALFORMED: dict[str, Doc] = {
         "number": 0, "null": None, "bool": True,
     }),
     **family("need b", NEED, ("b", "b"), NOT_BUCKETS),
+    **family("need l", NEED, ("b", "l"), present(NOT_BOOL)),  # (absent: a node from before listings)
     **family("prune b", PRUNE, ("b", "b"), NOT_BUCKETS),
     **family("prune t", PRUNE, ("b", "t"), NOT_LIST),
     "prune t too long": bad(PRUNE, ("b", "t"), [0] * 100_001),
     **family("prune token", PRUNE, ("b", "t", 0), present(NOT_TOKEN)),
+    # a listing: both or neither, one of each per token (absent: an answer to a NEED without l)
+    **family("prune e", PRUNE, ("b", "e"), present(NOT_LIST)),
+    **family("prune n", PRUNE, ("b", "n"), present(NOT_LIST)),
+    "prune e missing": bad(PRUNE, ("b", "e"), DELETE),
+    "prune n missing": bad(PRUNE, ("b", "n"), DELETE),
+    "prune e short": bad(PRUNE, ("b", "e"), [3]),
+    "prune n long": bad(PRUNE, ("b", "n"), [7, 2, 1]),
+    "prune e too long": bad(PRUNE, ("b", "e"), [0] * 100_001),
+    **family("prune epoch", PRUNE, ("b", "e", 0), present(NOT_COUNT)),
+    **family("prune version", PRUNE, ("b", "n", 1), present(NOT_COUNT)),
+    **family("want t", WANT, ("b", "t"), NOT_LIST),
+    "want t too long": bad(WANT, ("b", "t"), [0] * 100_001),
+    **family("want token", WANT, ("b", "t", 0), present(NOT_TOKEN)),
 }  # fmt: skip
 
 
@@ -510,8 +531,17 @@ BODY_STRATEGIES: dict[m.MsgType, st.SearchStrategy[m.Body]] = {
     m.MsgType.DIGEST: st.builds(
         m.Digest, st.lists(st.integers(0, 2**64 - 1), min_size=m.DIGEST_BUCKETS, max_size=m.DIGEST_BUCKETS).map(tuple)
     ),
-    m.MsgType.NEED: st.builds(m.Need, BUCKETS),
-    m.MsgType.PRUNE: st.builds(m.Prune, BUCKETS, st.lists(TOKENS, max_size=3).map(tuple)),
+    m.MsgType.NEED: st.builds(m.Need, BUCKETS, st.booleans()),
+    m.MsgType.PRUNE: st.one_of(
+        st.builds(m.Prune, BUCKETS, st.lists(TOKENS, max_size=3).map(tuple)),
+        st.lists(st.tuples(TOKENS, COUNTS, COUNTS), max_size=3).flatmap(
+            lambda items: st.builds(
+                m.Prune, BUCKETS, st.just(tuple(t for t, _, _ in items)),
+                st.just(tuple(e for _, e, _ in items)), st.just(tuple(n for _, _, n in items)),
+            )
+        ),
+    ),
+    m.MsgType.WANT: st.builds(m.Want, st.lists(TOKENS, max_size=3).map(tuple)),
 }
 assert set(BODY_STRATEGIES) == set(m.MsgType)
 BODIES = st.one_of(*BODY_STRATEGIES.values())

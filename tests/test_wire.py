@@ -928,8 +928,15 @@ NODE_BODIES = st.one_of(
     st.builds(m.Resync, st.sampled_from([0.0, 1.0])),
     st.builds(m.Retired, st.sampled_from(["00ff00ff00ff00ff", "n1"])),  # not the node's own incarnation
     st.builds(m.Digest, st.lists(st.integers(0, 3), min_size=64, max_size=64).map(tuple)),
-    st.builds(m.Need, st.lists(st.integers(0, 63), max_size=3).map(tuple)),
+    st.builds(m.Need, st.lists(st.integers(0, 63), max_size=3).map(tuple), st.booleans()),
     st.builds(m.Prune, st.lists(st.integers(0, 63), max_size=3).map(tuple), st.lists(T, max_size=2).map(tuple)),
+    st.lists(st.tuples(T, E, E), max_size=2).flatmap(
+        lambda items: st.builds(
+            m.Prune, st.lists(st.integers(0, 63), max_size=3).map(tuple), st.just(tuple(i[0] for i in items)),
+            st.just(tuple(i[1] for i in items)), st.just(tuple(i[2] for i in items)),
+        )
+    ),
+    st.builds(m.Want, st.lists(T, max_size=2).map(tuple)),
 )  # fmt: skip
 
 

@@ -48,8 +48,9 @@ class MsgType(str, enum.Enum):
     RESYNC = "resync"  # broadcast: I had a gap; tell me what I may have missed
     RETIRED = "retired"  # to a node: I retired your incarnation (your sessions were adopted): rejoin
     DIGEST = "digest"  # to a backup: per-bucket hashes of what you should hold of mine
-    NEED = "need"  # to an owner: these buckets differ, send them again
+    NEED = "need"  # to an owner: these buckets differ, send them again (or list them)
     PRUNE = "prune"  # to a backup: in these buckets, these are all my sessions you back up
+    WANT = "want"  # to an owner: of those listed, send me these (I lack them or hold another state)
 
 
 class Blobs:
@@ -528,13 +529,18 @@ class Digest(Body):
 class Need(Body):
     TYPE: ClassVar[MsgType] = MsgType.NEED
     buckets: tuple[int, ...]
+    #: list the buckets' sessions with their states (PRUNE) and I WANT what I lack,
+    #: instead of sending them all again (absent, False, from a node that predates it)
+    listing: bool = False
 
     def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        if self.listing:
+            return {"b": list(self.buckets), "l": True}
         return {"b": list(self.buckets)}
 
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Need:
-        return cls(_buckets(body, "b"))
+        return cls(_buckets(body, "b"), "l" in body and _get(body, "l", bool))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -542,22 +548,50 @@ class Prune(Body):
     TYPE: ClassVar[MsgType] = MsgType.PRUNE
     buckets: tuple[int, ...]
     tokens: tuple[str, ...]  # every session of the sender's you back up in those buckets
+    #: each token's epoch and version, to a NEED that asked for a listing (else None);
+    #: parallel tuples of ints, not 50,000 pairs (long-lived tuples set off collections)
+    epochs: tuple[int, ...] | None = None
+    versions: tuple[int, ...] | None = None
 
     def to_json(self, blobs: Blobs) -> dict[str, Any]:
-        return {"b": list(self.buckets), "t": list(self.tokens)}
+        if self.epochs is None or self.versions is None:
+            return {"b": list(self.buckets), "t": list(self.tokens)}
+        return {"b": list(self.buckets), "t": list(self.tokens), "e": list(self.epochs), "n": list(self.versions)}
 
     @classmethod
     def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Prune:
         tokens = _list(body, "t")
         _tokens(tokens)
-        return cls(_buckets(body, "b"), tuple(tokens))
+        if "e" not in body and "n" not in body:
+            return cls(_buckets(body, "b"), tuple(tokens))
+        epochs, numbers = _list(body, "e"), _list(body, "n")
+        if len(epochs) != len(tokens) or len(numbers) != len(tokens):
+            raise Malformed("a listing has one epoch and one version per token")
+        if not all(type(n) is int and n >= 0 for n in epochs) or not all(type(n) is int and n >= 0 for n in numbers):
+            raise Malformed("epochs and versions are integers >= 0")
+        return cls(_buckets(body, "b"), tuple(tokens), tuple(epochs), tuple(numbers))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Want(Body):
+    TYPE: ClassVar[MsgType] = MsgType.WANT
+    tokens: tuple[str, ...]  # listed by the owner's PRUNE; the asker lacks them or holds another state
+
+    def to_json(self, blobs: Blobs) -> dict[str, Any]:
+        return {"t": list(self.tokens)}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any], blobs: Blobs) -> Want:
+        tokens = _list(body, "t")
+        _tokens(tokens)
+        return cls(tuple(tokens))
 
 
 BODIES: dict[MsgType, type[Body]] = {
     cls.TYPE: cls
     for cls in (
         Heartbeat, Leave, Replicate, Ack, Accessed, Invalidate, Fetch, FetchReply, Owned, Drop, Resync, Digest,
-        Need, Prune, Retired,
+        Need, Prune, Want, Retired,
     )
 }  # fmt: skip
 assert set(BODIES) == set(MsgType), "every message type has exactly one body class"

@@ -152,6 +152,7 @@ class ClusterNode:
             (T.DIGEST, self.replication.on_digest),
             (T.NEED, self.replication.on_need),
             (T.PRUNE, self.replication.on_prune),
+            (T.WANT, self.replication.on_want),
             (T.FETCH, self.ownership.on_fetch),
             (T.FETCH_REPLY, self.ownership.on_fetch_reply),
             (T.OWNED, self.ownership.on_owned),

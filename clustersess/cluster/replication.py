@@ -646,14 +646,20 @@ class Replication:
         )
         differ = tuple(i for i, (a, b) in enumerate(zip(ours, hashes, strict=True)) if a != b)
         if differ and owner in ctx.members.members:
-            ctx.outbox.send(ctx.channel(owner), m.Need(differ))
+            ctx.outbox.send(ctx.channel(owner), m.Need(differ, listing=True))
 
     def on_need(self, member: Member, env: m.Envelope) -> None:
         body = env.body
         assert isinstance(body, m.Need)
-        self.ctx.spawn(self._send_buckets(member.name, body.buckets), "clustersess-resync")
+        self.ctx.spawn(self._send_buckets(member.name, body.buckets, body.listing), "clustersess-resync")
 
-    async def _send_buckets(self, name: str, buckets: tuple[int, ...]) -> None:
+    async def _send_buckets(self, name: str, buckets: tuple[int, ...], listing: bool) -> None:
+        """Answer a NEED: list our sessions in ``buckets`` that ``name`` backs up (PRUNE),
+        so it drops copies we no longer have; with ``listing``, with their states, and it
+        asks (WANT) for the ones it lacks; without (a node that predates listings), send
+        them all again. Buckets differ for more reasons than loss: a digest taken while
+        a rebalance moves backups away from the asker differs in all 64, and answering
+        with every session re-sent every one it still held (100,000 in a rebalance)."""
         ctx = self.ctx
         wanted = set(buckets)
         owned = ctx.store.owned
@@ -665,28 +671,47 @@ class Replication:
         # per message, at most PRUNE_TOKENS tokens each (unless one bucket has more): all
         # 64 buckets of a node holding 200,000 sessions listed more tokens than a message
         # may carry, the asker dropped it as malformed, saw a gap, and asked again.
-        by_bucket: dict[int, list[str]] = {b: [] for b in sorted(wanted)}
+        by_bucket: dict[int, list[Entry]] = {b: [] for b in sorted(wanted)}
         for e in entries:
-            by_bucket[bucket_of(e.token)].append(e.token)
+            by_bucket[bucket_of(e.token)].append(e)
+        resend: list[Entry] = [] if listing else entries
         group: list[int] = []
-        tokens: list[str] = []
-        for b, listed in by_bucket.items():
-            if len(listed) > m.MAX_ITEMS:
+        listed: list[Entry] = []
+        for b, in_bucket in by_bucket.items():
+            if len(in_bucket) > m.MAX_ITEMS:
                 # (6.4 million sessions to one backup) not pruned: its stale copies expire
-                # by idle time instead of being dropped now
-                ctx.warn.warning("prune", "clustersess: resync bucket of %d sessions too big to prune", len(listed))
+                # by idle time instead of being dropped now; its sessions go again
+                ctx.warn.warning("prune", "clustersess: resync bucket of %d sessions too big to prune", len(in_bucket))
+                if listing:
+                    resend.extend(in_bucket)
                 continue
-            if group and len(tokens) + len(listed) > PRUNE_TOKENS:
-                ctx.outbox.send(ctx.channel(name), m.Prune(tuple(group), tuple(tokens)))
-                group, tokens = [], []
+            if group and len(listed) + len(in_bucket) > PRUNE_TOKENS:
+                ctx.outbox.send(ctx.channel(name), _prune_of(group, listed, listing))
+                group, listed = [], []
             group.append(b)
-            tokens.extend(listed)
+            listed.extend(in_bucket)
         if group:
-            ctx.outbox.send(ctx.channel(name), m.Prune(tuple(group), tuple(tokens)))
+            ctx.outbox.send(ctx.channel(name), _prune_of(group, listed, listing))
+        await self._resend_owned(name, resend)
+
+    def on_want(self, member: Member, env: m.Envelope) -> None:
+        body = env.body
+        assert isinstance(body, m.Want)
+        owned = self.ctx.store.owned
+        entries = [e for t in body.tokens if (e := owned.get(t)) is not None]
+        self.ctx.spawn(self._resend_owned(member.name, entries), "clustersess-resync")
+
+    async def _resend_owned(self, name: str, entries: list[Entry]) -> None:
+        """Send ``entries`` to ``name`` again where they are still ours and it still
+        backs them up (a WANT names only sessions it is listed for)."""
+        ctx = self.ctx
+        owned = ctx.store.owned
+        sent = 0
         async for e in paced(entries, ctx.mono):
-            if owned.get(e.token) is e and e.version > 0:
+            if owned.get(e.token) is e and e.backup == name and e.version > 0:
                 self.resend(e)
-        ctx.stats.resync_sessions_sent += len(entries)
+                sent += 1
+        ctx.stats.resync_sessions_sent += sent
 
     def on_prune(self, member: Member, env: m.Envelope) -> None:
         body = env.body
@@ -696,19 +721,42 @@ class Replication:
         # (entries, not items(): 200,000 (token, copy) tuples alive across the slices
         # were what set off full collections during a resync; a copy's token is fixed)
         held = list(self.ctx.store.backups.values())
-        self.ctx.spawn(self._prune(member.name, set(body.buckets), set(body.tokens), held), "clustersess-resync")
+        self.ctx.spawn(self._prune(member.name, body, held), "clustersess-resync")
 
-    async def _prune(self, owner: str, buckets: set[int], keep: set[str], held: list[Entry]) -> None:
-        """Drop the copies in ``held`` of ``owner``'s sessions in ``buckets`` that it does
-        not list, in slices. A copy applied meanwhile is a new object, and stays."""
+    async def _prune(self, owner: str, body: m.Prune, held: list[Entry]) -> None:
+        """Drop the copies in ``held`` of ``owner``'s sessions in the PRUNE's buckets that
+        it does not list, in slices. A copy applied meanwhile is a new object, and stays.
+        A listing's sessions that we lack or hold at another state, we ask for (WANT)."""
         ctx = self.ctx
         backups = ctx.store.backups
+        buckets, keep = set(body.buckets), set(body.tokens)
         stale = await select(
             held, lambda e: e.owner == owner and e.token not in keep and bucket_of(e.token) in buckets, ctx.mono
         )
         async for e in paced(stale, ctx.mono):
             if backups.get(e.token) is e:
                 del backups[e.token]
+        epochs, numbers = body.epochs, body.versions
+        if epochs is None or numbers is None:
+            return
+        tokens = body.tokens
+
+        def lacking(i: int) -> bool:
+            # Another state either way: older (missed writes), or newer or another
+            # owner's, which the owner must learn of (its resend is refused and says why).
+            copy = backups.get(tokens[i])
+            return copy is None or copy.epoch != epochs[i] or copy.version != numbers[i]
+
+        want = [tokens[i] for i in await select(range(len(tokens)), lacking, ctx.mono)]
+        if want and owner in ctx.members.members:
+            send_items(ctx, ctx.channel(owner), m.Want, want)
+
+
+def _prune_of(buckets: list[int], entries: list[Entry], listing: bool) -> m.Prune:
+    tokens = tuple(e.token for e in entries)
+    if not listing:
+        return m.Prune(tuple(buckets), tokens)
+    return m.Prune(tuple(buckets), tokens, tuple(e.epoch for e in entries), tuple(e.version for e in entries))
 
 
 def _time_out(fut: asyncio.Future[Any]) -> None:
