@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from clustersess.cluster import messages as m
 from clustersess.cluster import trickle
 from clustersess.cluster.trickle import Trickle
@@ -74,3 +76,54 @@ async def test_queues_share_the_turns() -> None:
     await asyncio.sleep(trickle.PACE * 4)
     per_channel = {ch: sum(len(b.items) for c, b in sent.messages if c == ch) for ch in channels}
     assert per_channel == {"ch:node:b": trickle.PER_TURN * 3, "ch:node:c": 10}
+
+
+class Unpublished(Sent):
+    """An outbox whose flush is slow: each message's future resolves when the test says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.futures: list[asyncio.Future[int]] = []
+
+    def send(self, channel: str, body: m.Body, *, counted: bool = False) -> asyncio.Future[int]:  # type: ignore[override]
+        super().send(channel, body)
+        assert counted  # the trickle waits for its messages to be published
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.futures.append(fut)
+        return fut
+
+
+async def test_a_turn_waits_until_the_previous_one_was_published() -> None:
+    """The pace is a ceiling: a busy sender's flushes found ten claims queued each (one
+    every 10 ms, a flush of 100 ms), and every ACK waited behind them."""
+    sent = Unpublished()
+    t = Trickle(sent)  # type: ignore[arg-type]
+    t.add("ch:all", m.Drop, tokens(trickle.PER_TURN * 3))
+    await asyncio.sleep(0)
+    await asyncio.sleep(trickle.PACE * 5)
+    assert len(sent.messages) == 1  # not published yet: no second message
+    sent.futures[0].set_result(2)
+    await asyncio.sleep(0)
+    await asyncio.sleep(trickle.PACE * 1.5)
+    assert len(sent.messages) == 2  # published, and the pace had passed: the next one
+    sent.futures[1].set_exception(ConnectionError("Redis went away"))  # a failed publish also ends the wait
+    await asyncio.sleep(trickle.PACE * 1.5)
+    assert [len(b.items) for _, b in sent.messages] == [trickle.PER_TURN] * 3 and t.pending() == 0
+
+
+async def test_a_turn_whose_messages_are_never_published_is_followed_after_max_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flush that died with its messages resolves nothing; the trickle goes on."""
+    monkeypatch.setattr(trickle, "MAX_WAIT", 0.05)
+    sent = Unpublished()
+    t = Trickle(sent)  # type: ignore[arg-type]
+    t.add("ch:all", m.Drop, tokens(trickle.PER_TURN + 1))
+    await asyncio.sleep(0)
+    await asyncio.sleep(trickle.PACE * 3)
+    assert len(sent.messages) == 1
+    await asyncio.sleep(0.1)
+    assert len(sent.messages) == 2 and t.pending() == 0
+    sent.futures[0].set_result(2)  # published after all, late: no extra turn, nothing sent twice
+    await asyncio.sleep(trickle.PACE * 3)
+    assert len(sent.messages) == 2

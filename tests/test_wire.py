@@ -142,6 +142,24 @@ def test_wrong_key_is_rejected() -> None:
         CODEC.decode(ALL, raw)
 
 
+def test_a_receiver_skips_its_own_echoes_but_not_its_heartbeats_twins_or_forgeries() -> None:
+    """Redis echoes every broadcast to its sender. A receiver parses its own heartbeats
+    (their echo proves its link) and its twin's (same name, other incarnation), skips the
+    body of any other message of its own, and authenticates every one first."""
+    me = ("mallory", INC)
+    owned = m.Envelope(CLUSTER, ALL, "mallory", INC, 8, m.Owned(((TOKEN, 2, ("mallory", 3)),)))
+    assert CODEC.decode_received(ALL, CODEC.encode(owned), me) is None
+    assert CODEC.decode_received(ALL, CODEC.encode(HB_ENV), me) == HB_ENV
+    twin = m.Envelope(CLUSTER, ALL, "mallory", "fedcba9876543210", 8, owned.body)
+    assert CODEC.decode_received(ALL, CODEC.encode(twin), me) == twin
+    other = m.Envelope(CLUSTER, ALL, "n2", INC, 8, owned.body)
+    assert CODEC.decode_received(ALL, CODEC.encode(other), me) == other
+    assert CODEC.decode(ALL, CODEC.encode(owned)) == owned  # (decode itself parses everything)
+    forged = Codec(("someone else's secret",), CLUSTER).encode(owned)
+    with pytest.raises(BadMac):
+        CODEC.decode_received(ALL, forged, me)
+
+
 def test_key_rotation_any_listed_key_verifies_and_the_newest_signs() -> None:
     old, new = "key-2025", "key-2026"
     before = Codec((old,), CLUSTER)

@@ -77,7 +77,9 @@ class Inbox:
         if isinstance(raw, (bytes, bytearray)):
             stats.bytes_received += len(raw)
         try:
-            env = ctx.codec.decode(channel, raw)
+            env = ctx.codec.decode_received(channel, raw, (ctx.name, ctx.outbox.incarnation))
+            if env is None:
+                return  # our own message (see _route)
         except WireError as exc:
             kind = exc.kind
             setattr(stats, f"messages_dropped_{kind}", getattr(stats, f"messages_dropped_{kind}") + 1)

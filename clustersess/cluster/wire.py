@@ -98,6 +98,18 @@ class Codec:
 
     def decode(self, channel: str, raw: bytes) -> Envelope:
         """The envelope of ``raw`` as received on ``channel``; raises :class:`WireError`."""
+        envelope = self._decode(channel, raw, None)
+        assert envelope is not None
+        return envelope
+
+    def decode_received(self, channel: str, raw: bytes, own: tuple[str, str]) -> Envelope | None:
+        """:meth:`decode` for a receiver that is ``own`` (name, incarnation): a message of
+        its own other than a heartbeat (Redis echoes every broadcast to its sender, who
+        ignores it) is authenticated and then not parsed: None. (An adoption's claims
+        leave 100 times a second; each took 1 ms to parse, again, by their sender.)"""
+        return self._decode(channel, raw, own)
+
+    def _decode(self, channel: str, raw: bytes, own: tuple[str, str] | None) -> Envelope | None:
         if not isinstance(raw, (bytes, bytearray)):
             raise BadMessage("not bytes")
         if len(raw) < _PREFIX or raw[: len(MAGIC)] != MAGIC:
@@ -116,6 +128,14 @@ class Codec:
             raise BadMac("message authentication failed")
         try:
             header = orjson.loads(body[_HLEN.size : _HLEN.size + hlen])
+            if (
+                own is not None
+                and type(header) is dict
+                and header.get("src") == own[0]
+                and header.get("inc") == own[1]
+                and header.get("t") != "heartbeat"
+            ):
+                return None
             sizes = header.pop("blobs", None) if isinstance(header, dict) else None
             if type(sizes) is not list:
                 raise Malformed("bad blob table")
