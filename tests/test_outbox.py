@@ -114,3 +114,36 @@ async def test_a_lost_members_resends_leave_the_window_at_once() -> None:
     assert box._background_bytes > 0
     box.release_channel(CHANNEL)
     assert box._background_bytes == 0 and unanswered(box) == held  # (still answered if it comes)
+
+
+async def test_the_window_halves_on_late_answers_and_grows_back_on_prompt_ones() -> None:
+    """Late answers show queues building (a busy backup, a busy loop), where requests'
+    writes and ACKs wait too: fewer resends are sent at a time, but always one flush's
+    worth; prompt answers open the window again."""
+    now = [1000.0]
+    box, _, store = make()
+    box._mono = lambda: now[0]  # (answers' delays as the test says)
+
+    async def answer_after(delay: float) -> None:
+        await box.flush()
+        seqs = background_seqs(box)
+        assert seqs, "a resend was sent"
+        now[0] += delay
+        for seq in seqs:
+            box.acked(CHANNEL, m.Ack(seq))
+
+    for e in owned(store, 400):
+        box.resend(CHANNEL, e)
+    assert box._window == ob.BACKGROUND_WINDOW
+    await answer_after(ob.BACKGROUND_DELAY * 4)
+    assert box._window == ob.BACKGROUND_WINDOW // 2  # once per late round trip, not per answer
+    for _ in range(5):
+        await answer_after(ob.BACKGROUND_DELAY * 4)
+    assert box._window == ob.BACKGROUND_MIN_WINDOW
+    await box.flush()
+    assert box._background_bytes >= ob.BACKGROUND_MIN_WINDOW - 8 * 1024  # still moving
+    for seq in background_seqs(box):
+        box.acked(CHANNEL, m.Ack(seq))
+    for _ in range(30):
+        await answer_after(ob.BACKGROUND_DELAY / 4)
+    assert box._window == ob.BACKGROUND_WINDOW

@@ -3,7 +3,7 @@
 ``tests/simulation.py`` is the simulator (see its docstring). Here:
 
 * a batch of seeds runs across the machine's cores (``CLUSTERSESS_SIM_SEEDS`` schedules,
-  default 2000, from ``CLUSTERSESS_SIM_START``); a failing seed is printed with the command
+  default 1000, from ``CLUSTERSESS_SIM_START``); a failing seed is printed with the command
   that replays it;
 * the same seed run twice gives the same history, event for event (replays are exact);
 * a protocol broken on purpose (a backup that acknowledges without applying) is caught,
@@ -20,7 +20,7 @@ import pytest
 
 from tests import simulation
 
-SEEDS = int(os.environ.get("CLUSTERSESS_SIM_SEEDS", "2000"))
+SEEDS = int(os.environ.get("CLUSTERSESS_SIM_SEEDS", "1000"))
 START = int(os.environ.get("CLUSTERSESS_SIM_START", "0"))
 #: virtual seconds of faults per schedule (the settling and the checks come on top)
 DURATION = float(os.environ.get("CLUSTERSESS_SIM_DURATION", "12"))
