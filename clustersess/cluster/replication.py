@@ -32,8 +32,10 @@ from .transport import TransportError
 
 #: sessions per ACCESSED / INVALIDATE / OWNED message
 ITEMS_PER_MESSAGE = 500
-#: tokens a PRUNE lists, at most (unless one bucket alone has more; receivers take 100,000)
-PRUNE_TOKENS = 50_000
+#: tokens a PRUNE lists, at most (unless one bucket alone has more; receivers take
+#: 100,000): a listing of 50,000 was 2.3 MB that its sender encoded and its receiver
+#: parsed in one piece, stalling each event loop for tens of milliseconds
+PRUNE_TOKENS = 5_000
 
 
 def send_items(ctx: ClusterContext, channel: str, kind: Callable[[tuple[Any, ...]], m.Body], items: list[Any]) -> None:
