@@ -33,9 +33,9 @@ from .transport import TransportError
 #: sessions per ACCESSED / INVALIDATE / OWNED message
 ITEMS_PER_MESSAGE = 500
 #: tokens a PRUNE lists, at most (unless one bucket alone has more; receivers take
-#: 100,000): a listing of 50,000 was 2.3 MB that its sender encoded and its receiver
-#: parsed in one piece, stalling each event loop for tens of milliseconds
-PRUNE_TOKENS = 5_000
+#: 100,000). Not fewer: the asker scans all its copies once per PRUNE, and parts of
+#: 5,000 (forty for a node holding 200,000) made a rebalance's writes wait 1-1.4 s
+PRUNE_TOKENS = 50_000
 
 
 def send_items(ctx: ClusterContext, channel: str, kind: Callable[[tuple[Any, ...]], m.Body], items: list[Any]) -> None:
