@@ -133,7 +133,7 @@ class Codec:
                 and type(header) is dict
                 and header.get("src") == own[0]
                 and header.get("inc") == own[1]
-                and header.get("t") != "heartbeat"
+                and header.get("t") != messages.MsgType.HEARTBEAT.value
             ):
                 return None
             sizes = header.pop("blobs", None) if isinstance(header, dict) else None
