@@ -575,6 +575,47 @@ async def test_a_resync_whose_every_bucket_differs_sends_only_what_the_backup_la
     assert n2.stats.messages_dropped_malformed == 0 and n1.stats.handler_errors == 0
 
 
+async def test_a_copy_that_arrives_between_the_owners_listing_and_its_prune_stays(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner lists its sessions for a PRUNE over many slices (110,000 in a rebalance);
+    a session made meanwhile is not listed, but its copy can reach the backup before the
+    PRUNE does. The backup must keep it: it was acknowledged, and the owner's death would
+    otherwise lose it. (The backup keeps what it applied since it sent the NEED.)"""
+    from clustersess.cluster import replication
+
+    n1, n2 = await cluster.start("n1", "n2")
+    cookies = [await write(n1, None, i=i) for i in range(10)]
+    await delivered()
+    assert {token_of(n1, c) for c in cookies} <= set(n2.store.backups)
+    made: list[str] = []
+    listing = replication._prune_of
+
+    async def listing_then_a_new_session(*args: Any) -> m.Prune:
+        prune = await listing(*args)
+        if not made:
+            made.append(await write(n1, None, late=True))  # acknowledged by n2 before the PRUNE leaves
+        return prune
+
+    pruned: list[str] = []
+    prune = replication.Replication._prune
+
+    async def prune_then_note(self: replication.Replication, owner: str, body: m.Prune, held: list[Entry]) -> None:
+        await prune(self, owner, body, held)
+        pruned.append(owner)
+
+    monkeypatch.setattr(replication, "_prune_of", listing_then_a_new_session)
+    monkeypatch.setattr(replication.Replication, "_prune", prune_then_note)
+    # n2's digest differs from n1's in every bucket: NEED (listing), PRUNE
+    await n2.cluster.replication._compare_digest("n1", (1,) * m.DIGEST_BUCKETS)  # type: ignore[union-attr]
+    await eventually(lambda: pruned == ["n1"], what="the PRUNE applied")
+    assert made, "no session was made while the owner listed"
+    token = token_of(n1, made[0])
+    assert token in n1.store.owned and n1.store.owned[token].backup == "n2"
+    assert token in n2.store.backups, "the acknowledged copy was pruned"
+    assert {token_of(n1, c) for c in cookies} <= set(n2.store.backups)
+
+
 async def test_a_need_without_a_listing_gets_its_buckets_again_whole(cluster: Cluster) -> None:
     """A node from before listings sends NEED without ``l`` and no WANT: the owner answers
     as it did then, a PRUNE without states and every session of those buckets again."""

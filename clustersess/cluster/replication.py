@@ -36,6 +36,9 @@ ITEMS_PER_MESSAGE = 500
 #: 100,000). Not fewer: the asker scans all its copies once per PRUNE, and parts of
 #: 5,000 (forty for a node holding 200,000) made a rebalance's writes wait 1-1.4 s
 PRUNE_TOKENS = 50_000
+#: the longest a backup waits for the PRUNEs that answer its NEED (seconds), keeping the
+#: copies it applies meanwhile (see Replication._ask)
+ASKED_FOR = 60.0
 
 
 def send_items(ctx: ClusterContext, channel: str, kind: Callable[[tuple[Any, ...]], m.Body], items: list[Any]) -> None:
@@ -118,6 +121,9 @@ class Replication:
         #: goes to its backup again
         self._refill: set[str] = set()
         self._lone_logged = False
+        #: owner -> what we asked it for (NEED) and have not had its PRUNEs for yet: the
+        #: buckets, and the tokens of its copies applied since we asked (see _prune)
+        self._asked: dict[str, tuple[set[int], set[str]]] = {}
 
     # == owner side ==========================================================================
     def _pick_backup(self, entry: Entry, pairs: list[tuple[str, str]] | None = None) -> str | None:
@@ -499,6 +505,10 @@ class Replication:
         ctx.store.owned.pop(st.token, None)
         ctx.store.backups[st.token] = copy
         ctx.stats.replications_applied += 1
+        if self._asked:
+            asked = self._asked.get(st.owner)
+            if asked is not None:
+                asked[1].add(st.token)
         ctx.events.replicated(copy, cur is None)
         return copy
 
@@ -648,7 +658,24 @@ class Replication:
         )
         differ = tuple(i for i, (a, b) in enumerate(zip(ours, hashes, strict=True)) if a != b)
         if differ and owner in ctx.members.members:
+            self._ask(owner, differ)
             ctx.outbox.send(ctx.channel(owner), m.Need(differ, listing=True))
+
+    def _ask(self, owner: str, buckets: tuple[int, ...]) -> None:
+        """We ask ``owner`` for ``buckets``. Its PRUNE lists what it held when it read its
+        table, in many slices; a session it made meanwhile is not listed, and its copy
+        may reach us before the PRUNE does: from now until the PRUNE of each bucket, the
+        copies we apply of ``owner``'s are kept whatever the PRUNE says (ASKED_FOR
+        seconds at most, should a PRUNE never come)."""
+        asked = self._asked.get(owner)
+        if asked is None:
+            asked = self._asked[owner] = (set(), set())
+            asyncio.get_running_loop().call_later(ASKED_FOR, self._asked_expired, owner, asked)
+        asked[0].update(buckets)
+
+    def _asked_expired(self, owner: str, asked: tuple[set[int], set[str]]) -> None:
+        if self._asked.get(owner) is asked:
+            del self._asked[owner]
 
     def on_need(self, member: Member, env: m.Envelope) -> None:
         body = env.body
@@ -673,8 +700,10 @@ class Replication:
         # per message, at most PRUNE_TOKENS tokens each (unless one bucket has more): all
         # 64 buckets of a node holding 200,000 sessions listed more tokens than a message
         # may carry, the asker dropped it as malformed, saw a gap, and asked again.
+        # (in slices: grouping and listing 110,000 sessions in one piece stalled the
+        # loop for 100 ms in a rebalance, whose digest caught every bucket differing)
         by_bucket: dict[int, list[Entry]] = {b: [] for b in sorted(wanted)}
-        for e in entries:
+        async for e in paced(entries, ctx.mono):
             by_bucket[bucket_of(e.token)].append(e)
         resend: list[Entry] = [] if listing else entries
         group: list[int] = []
@@ -688,12 +717,12 @@ class Replication:
                     resend.extend(in_bucket)
                 continue
             if group and len(listed) + len(in_bucket) > PRUNE_TOKENS:
-                ctx.outbox.send(ctx.channel(name), _prune_of(group, listed, listing))
+                ctx.outbox.send(ctx.channel(name), await _prune_of(group, listed, listing, ctx.mono))
                 group, listed = [], []
             group.append(b)
             listed.extend(in_bucket)
         if group:
-            ctx.outbox.send(ctx.channel(name), _prune_of(group, listed, listing))
+            ctx.outbox.send(ctx.channel(name), await _prune_of(group, listed, listing, ctx.mono))
         await self._resend_owned(name, resend)
 
     def on_want(self, member: Member, env: m.Envelope) -> None:
@@ -732,6 +761,12 @@ class Replication:
         ctx = self.ctx
         backups = ctx.store.backups
         buckets, keep = set(body.buckets), set(body.tokens)
+        asked = self._asked.get(owner)
+        if asked is not None:
+            keep |= asked[1]  # applied since we asked: newer than the owner's listing
+            asked[0].difference_update(buckets)
+            if not asked[0]:
+                del self._asked[owner]
         stale = await select(
             held, lambda e: e.owner == owner and e.token not in keep and bucket_of(e.token) in buckets, ctx.mono
         )
@@ -754,11 +789,18 @@ class Replication:
             send_items(ctx, ctx.channel(owner), m.Want, want)
 
 
-def _prune_of(buckets: list[int], entries: list[Entry], listing: bool) -> m.Prune:
-    tokens = tuple(e.token for e in entries)
+async def _prune_of(buckets: list[int], entries: list[Entry], listing: bool, clock: Callable[[], float]) -> m.Prune:
+    """The PRUNE listing ``entries`` (the sessions in ``buckets``), made in slices."""
+    tokens: list[str] = []
+    epochs: list[int] = []
+    numbers: list[int] = []
+    async for e in paced(entries, clock):
+        tokens.append(e.token)
+        epochs.append(e.epoch)
+        numbers.append(e.version)
     if not listing:
-        return m.Prune(tuple(buckets), tokens)
-    return m.Prune(tuple(buckets), tokens, tuple(e.epoch for e in entries), tuple(e.version for e in entries))
+        return m.Prune(tuple(buckets), tuple(tokens))
+    return m.Prune(tuple(buckets), tuple(tokens), tuple(epochs), tuple(numbers))
 
 
 def _time_out(fut: asyncio.Future[Any]) -> None:
