@@ -773,6 +773,27 @@ async def test_a_sequence_gap_asks_for_a_resync(cluster: Cluster) -> None:
     assert drops(n1) == {}
 
 
+async def test_the_gap_a_reconnect_leaves_is_covered_by_its_own_resync(cluster: Cluster) -> None:
+    """Messages published while the subscription was down show up as a gap on the first
+    message of each channel after the reconnect; the reconnect's resync covers them, and
+    no second resync is asked for (it came a second later, in the middle of whatever
+    followed, with a full digest round). A later gap asks for one as usual."""
+    n1, node, peer = await one_node(cluster)
+    await admitted(node, peer, seq=1)
+    await peer.send(node.ch_me, m.Drop(()), seq=1)
+    asked: list[float] = []
+    request = node.replication.request_resync
+    node.replication.request_resync = lambda since: (asked.append(since), request(since))[1]
+    await node._on_connect(False)  # the subscription is back: one resync for the time away
+    assert len(asked) == 1
+    await peer.send(node.ch_me, m.Drop(()), seq=5)  # 2-4 were published while we were away
+    await peer.send(peer.all, peer.heartbeat(), seq=7)
+    assert n1.stats.gaps_detected == 2 and len(asked) == 1
+    await peer.send(node.ch_me, m.Drop(()), seq=8)  # 6 and 7 lost since: a new gap
+    assert n1.stats.gaps_detected == 3 and len(asked) == 2
+    assert drops(n1) == {}
+
+
 async def test_a_message_of_a_retired_incarnation_is_refused(cluster: Cluster) -> None:
     n1, node, peer = await one_node(cluster)
     await admitted(node, peer)

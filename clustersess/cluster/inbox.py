@@ -58,6 +58,8 @@ class Inbox:
         self._on_retired_sender = on_retired_sender
         #: (src, incarnation, channel) -> highest sequence number seen
         self._last_seq: dict[tuple[str, str, str], int] = {}
+        #: replay keys known at the last reconnect, until their first message since
+        self._reconnected: set[tuple[str, str, str]] = set()
         self._pending: dict[tuple[str, str], list[tuple[str, m.Envelope]]] = {}
         self._refused: dict[tuple[str, str], float] = {}
 
@@ -118,12 +120,17 @@ class Inbox:
             ctx.stats.messages_dropped_replay += 1
             return
         self._last_seq[key] = env.seq
+        covered = False
+        if self._reconnected and key in self._reconnected:
+            self._reconnected.discard(key)
+            covered = True
         if last is not None and env.seq > last + 1:
             ctx.stats.gaps_detected += 1
             ctx.warn.warning(
                 "gap", "clustersess: missed %d message(s) from %s on %s", env.seq - last - 1, env.src, channel
             )
-            self._on_gap(env.src, env.seq - last - 1)
+            if not covered:
+                self._on_gap(env.src, env.seq - last - 1)
         if ctx.members.heard(member, ctx.mono()):
             self._on_back(member)
         if isinstance(env.body, m.Leave):
@@ -133,6 +140,15 @@ class Inbox:
                 self._on_leave(left)
             return
         self.handlers[env.body.TYPE](member, env)
+
+    def reconnected(self) -> None:
+        """The subscription is back and the node asked for a resync covering the time
+        away. The first message on each channel since then shows the gap of messages
+        published while we were away, which that resync covers (the owners answer it
+        from their state once they read it, after those messages left): such a gap asks
+        for no second resync. Without this, every reconnect cost two full digest rounds,
+        the second one often in the middle of the rebalance or adoption that followed."""
+        self._reconnected = set(self._last_seq)
 
     def forget(self, src: str, inc: str) -> None:
         """Drop the replay marks of a retired incarnation (it is refused as a whole now)."""

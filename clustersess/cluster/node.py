@@ -384,6 +384,7 @@ class ClusterNode:
             # We may have missed messages while disconnected: a gap. Owners send us what
             # we may lack (incrementally), and what we never had acknowledged goes again.
             self.stats.redis_reconnects += 1
+            self.inbox.reconnected()
             self.replication.request_resync(gap + self.timing.drop_time)
             self.outbox.answers_lost()  # (their ACKs may have come while we were away)
             self.replication.retry_requeued()
