@@ -89,10 +89,26 @@ _collection_started = 0.0
 _watching = False
 
 
+#: a node holding FREEZE_FROM sessions freezes the heap after every this many copies it
+#: takes in (a rebalance or an adoption sends it 100,000 at once)
+FREEZE_BATCH = 10_000
+_taken = 0
+
+
 def _freeze_sessions() -> None:
     global _session_freezes
     gc.freeze()
     _session_freezes += 1
+
+
+def took_copy(holds: int) -> None:
+    """A copy of another node's session was stored; this node holds ``holds`` sessions."""
+    global _taken
+    _taken += 1
+    if _taken >= FREEZE_BATCH:
+        _taken = 0
+        if _frozen and holds >= FREEZE_FROM:
+            _freeze_sessions()
 
 
 def _after_collection(phase: str, info: dict[str, int]) -> None:

@@ -51,9 +51,9 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _run(mode: str) -> dict[str, Any]:
+def _run(mode: str, script: str = _SCRIPT) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, mode], env=base_env(), capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", script, mode], env=base_env(), capture_output=True, text=True, timeout=60, check=True
     )
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -138,3 +138,39 @@ def test_a_big_node_freezes_its_sessions_after_each_sweep_and_thaws_them_now_and
     assert seen["frozen_again"] > 1000
     assert seen["session_freezes"] >= 4  # three sweeps, then at least one slow collection
     assert seen["frozen_by_a_slow_collection"] >= 500_000  # most of the million (the last ones collect fast)
+
+
+_COPIES = textwrap.dedent(
+    """
+    import gc, json, sys
+    from clustersess import heap
+
+    if sys.argv[1] == "on":
+        heap.freeze_once()
+    seen = {}
+    base = gc.get_freeze_count()
+    for _ in range(heap.FREEZE_BATCH - 1):
+        heap.took_copy(heap.FREEZE_FROM)
+    seen["before_a_batch"] = heap.session_freezes()
+    copies = [[] for _ in range(5000)]  # what the batch's copies made (tracked objects)
+    heap.took_copy(heap.FREEZE_FROM)
+    seen["after_a_batch"] = heap.session_freezes()
+    seen["frozen"] = gc.get_freeze_count() - base
+    for _ in range(heap.FREEZE_BATCH):
+        heap.took_copy(heap.FREEZE_FROM - 1)
+    seen["small_node"] = heap.session_freezes()
+    print(json.dumps(seen))
+    """
+)
+
+
+def test_a_big_node_taking_many_copies_freezes_them_in_batches() -> None:
+    """An adoption or a rebalance sends a node 100,000 copies at once; each full collection
+    meanwhile walked every copy since the last freeze (13-46 ms at 200,000 sessions).
+    Every FREEZE_BATCH copies the heap is frozen again, on a big node with gc_freeze."""
+    on = _run("on", _COPIES)
+    assert on["before_a_batch"] == 0 and on["after_a_batch"] == 1
+    assert on["frozen"] >= 5000  # they are out of the full collections now
+    assert on["small_node"] == 1  # a node below FREEZE_FROM leaves its heap alone
+    off = _run("off", _COPIES)
+    assert off["after_a_batch"] == 0 and off["small_node"] == 0  # gc_freeze off: never

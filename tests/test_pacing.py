@@ -67,3 +67,17 @@ async def test_passes_with_different_clocks_never_wait_longer_than_a_slice() -> 
     assert behind.due()
     await behind.pause()
     assert time.monotonic() - started < 0.5
+
+
+async def test_a_rate_spreads_a_pass_and_saves_no_credit_from_slow_spells() -> None:
+    rate = pacing.Rate(time.monotonic, 10_000)
+    started = time.monotonic()
+    for _ in range(10):
+        await rate.spend(100)  # 1,000 items at 10,000 a second: 0.1 s at least
+    took = time.monotonic() - started
+    assert 0.09 <= took < 0.5, took
+    await asyncio.sleep(0.2)  # a busy spell: the pass handed nothing on for 0.2 s
+    started = time.monotonic()
+    await rate.spend(100)
+    await rate.spend(100)
+    assert time.monotonic() - started >= 0.015  # the next items still go at the rate, not at once

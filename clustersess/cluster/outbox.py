@@ -47,9 +47,9 @@ PUBLISH_BYTES = 4 * 1024 * 1024
 #: background resends unacknowledged at a time, at most and at least, and per flush
 #: (bytes of session data); an answer later than BACKGROUND_DELAY shrinks the window
 BACKGROUND_WINDOW = 96 * 1024
-BACKGROUND_MIN_WINDOW = 32 * 1024
+BACKGROUND_MIN_WINDOW = 16 * 1024
 BACKGROUND_PER_FLUSH = 32 * 1024
-BACKGROUND_DELAY = 0.015
+BACKGROUND_DELAY = 0.005
 
 
 #: what an ACK that refused nothing refused (shared, never written to)

@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import codec, versions
 from ..errors import ReplicationUnavailable, SessionUnavailable
-from ..pacing import Slicer, select
+from ..pacing import BULK_RATE, Rate, Slicer, select
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
@@ -595,8 +595,9 @@ class Ownership:
         ctx = self.ctx
         backups = ctx.store.backups
         copies = await select(list(backups.values()), lambda c: c.owner == name, ctx.mono)
-        n = 0
+        n = spent = 0
         slicer = Slicer(ctx.mono)
+        rate = Rate(ctx.mono, BULK_RATE)
         pairs = ctx.members.candidate_pairs()  # (read again after every pause)
         now = ctx.wall()
         for copy in copies:
@@ -607,6 +608,8 @@ class Ownership:
                 n += 1
             if slicer.due():
                 await slicer.pause()
+                await rate.spend(n - spent)
+                spent = n
                 pairs = ctx.members.candidate_pairs()
                 now = ctx.wall()
         ctx.stats.adopted += n

@@ -20,8 +20,8 @@ import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .. import versions
-from ..pacing import Slicer, paced, select
+from .. import heap, versions
+from ..pacing import BULK_RATE, Rate, Slicer, paced, select
 from ..session import Entry
 from . import messages as m
 from .context import ClusterContext, log
@@ -303,14 +303,19 @@ class Replication:
             owned = ctx.store.owned
             self._resent_from = {t: old for t, old in self._resent_from.items() if t in owned}
             slicer = Slicer(ctx.mono)
+            rate = Rate(ctx.mono, BULK_RATE)
+            moved = 0
             pairs = ctx.members.candidate_pairs()  # (read again after every pause)
             for entry in list(owned.values()):
                 if owned.get(entry.token) is entry and entry.version > 0:
                     backup = ctx.members.backup_for(entry.token, pairs=pairs)
                     if backup != entry.backup or backup in refill:
                         self.resend(entry, pairs, to=backup)
+                        moved += 1
                 if slicer.due():
                     await slicer.pause()
+                    await rate.spend(moved)
+                    moved = 0
                     pairs = ctx.members.candidate_pairs()
 
     def resend(self, entry: Entry, pairs: list[tuple[str, str]] | None = None, *, to: str | None = None) -> None:
@@ -509,6 +514,8 @@ class Replication:
             asked = self._asked.get(st.owner)
             if asked is not None:
                 asked[1].add(st.token)
+        if cur is None:
+            heap.took_copy(len(ctx.store.backups))
         ctx.events.replicated(copy, cur is None)
         return copy
 
@@ -761,15 +768,18 @@ class Replication:
         ctx = self.ctx
         backups = ctx.store.backups
         buckets, keep = set(body.buckets), set(body.tokens)
+        # Copies applied since we asked are newer than the owner's listing, and stay.
+        fresh: set[str] = set()
         asked = self._asked.get(owner)
         if asked is not None:
-            keep |= asked[1]  # applied since we asked: newer than the owner's listing
+            fresh = asked[1]
             asked[0].difference_update(buckets)
             if not asked[0]:
                 del self._asked[owner]
-        stale = await select(
-            held, lambda e: e.owner == owner and e.token not in keep and bucket_of(e.token) in buckets, ctx.mono
-        )
+        def stale_copy(e: Entry) -> bool:
+            return e.owner == owner and e.token not in keep and e.token not in fresh and bucket_of(e.token) in buckets
+
+        stale = await select(held, stale_copy, ctx.mono)
         async for e in paced(stale, ctx.mono):
             if backups.get(e.token) is e:
                 del backups[e.token]
