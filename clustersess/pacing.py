@@ -110,17 +110,19 @@ class Rate:
     instead of 5 (a request for a session not taken over yet takes it over at once).
     """
 
-    __slots__ = ("_clock", "_due", "_rate")
+    __slots__ = ("_due", "_loop", "_rate")
 
-    def __init__(self, clock: Callable[[], float], per_second: float) -> None:
-        self._clock = clock
+    def __init__(self, per_second: float) -> None:
+        # (the loop's own clock, the one its sleeps run on: a test's fake clock that
+        # stands still would make every wait the sum of all before it)
+        self._loop = asyncio.get_running_loop()
         self._rate = per_second
-        self._due = clock()
+        self._due = self._loop.time()
 
     async def spend(self, items: int) -> None:
         """``items`` more were handed on: wait until the rate allows them. Time the pass
         spent slower than the rate is not saved up (no burst after a busy spell)."""
-        now = self._clock()
+        now = self._loop.time()
         self._due = max(self._due, now) + items / self._rate
         wait = self._due - now
         if wait > 0:

@@ -597,7 +597,7 @@ class Ownership:
         copies = await select(list(backups.values()), lambda c: c.owner == name, ctx.mono)
         n = spent = 0
         slicer = Slicer(ctx.mono)
-        rate = Rate(ctx.mono, BULK_RATE)
+        rate = Rate(BULK_RATE)
         pairs = ctx.members.candidate_pairs()  # (read again after every pause)
         now = ctx.wall()
         for copy in copies:

@@ -303,7 +303,7 @@ class Replication:
             owned = ctx.store.owned
             self._resent_from = {t: old for t, old in self._resent_from.items() if t in owned}
             slicer = Slicer(ctx.mono)
-            rate = Rate(ctx.mono, BULK_RATE)
+            rate = Rate(BULK_RATE)
             moved = 0
             pairs = ctx.members.candidate_pairs()  # (read again after every pause)
             for entry in list(owned.values()):
