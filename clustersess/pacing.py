@@ -110,23 +110,24 @@ class Rate:
     instead of 5 (a request for a session not taken over yet takes it over at once).
     """
 
-    __slots__ = ("_due", "_loop", "_rate")
+    __slots__ = ("_last", "_loop", "_rate")
 
     def __init__(self, per_second: float) -> None:
         # (the loop's own clock, the one its sleeps run on: a test's fake clock that
         # stands still would make every wait the sum of all before it)
         self._loop = asyncio.get_running_loop()
         self._rate = per_second
-        self._due = self._loop.time()
+        self._last = self._loop.time()
 
     async def spend(self, items: int) -> None:
-        """``items`` more were handed on: wait until the rate allows them. Time the pass
-        spent slower than the rate is not saved up (no burst after a busy spell)."""
-        now = self._loop.time()
-        self._due = max(self._due, now) + items / self._rate
-        wait = self._due - now
+        """``items`` more were handed on since the last call: wait for what is left of
+        the time they take at the rate. Per interval, neither saved up (no burst after
+        a slow spell) nor owed (a pass slowed down by other work is not held back
+        further)."""
+        wait = items / self._rate - (self._loop.time() - self._last)
         if wait > 0:
             await asyncio.sleep(wait)
+        self._last = self._loop.time()
 
 
 async def paced(items: Iterable[T], clock: Callable[[], float]) -> AsyncIterator[T]:
