@@ -40,7 +40,7 @@ GAP = 0.002
 #: one running is due to end (by the clock of the slicer that set it)
 _quiet_until = float("-inf")
 #: sessions a second an adoption or a rebalance hands to other nodes (see Rate)
-BULK_RATE = 25_000.0
+BULK_RATE = 12_500.0
 #: by default the clock is read once per this many items (a clock call costs about as
 #: much as a cheap item)
 CHECK = 16

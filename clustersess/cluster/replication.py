@@ -33,9 +33,11 @@ from .transport import TransportError
 #: sessions per ACCESSED / INVALIDATE / OWNED message
 ITEMS_PER_MESSAGE = 500
 #: tokens a PRUNE lists, at most (unless one bucket alone has more; receivers take
-#: 100,000). Not fewer: the asker scans all its copies once per PRUNE, and parts of
-#: 5,000 (forty for a node holding 200,000) made a rebalance's writes wait 1-1.4 s
-PRUNE_TOKENS = 50_000
+#: 100,000): each is encoded, parsed and checked in one piece, and parts of 50,000
+#: stalled the asker for 50-90 ms each. (Parts this small need the asker to check each
+#: against its copies in the PRUNE's buckets only, see Replication._ask: scanning all
+#: its copies per part, parts of 5,000 made a rebalance's writes wait 1-1.4 s.)
+PRUNE_TOKENS = 10_000
 #: the longest a backup waits for the PRUNEs that answer its NEED (seconds), keeping the
 #: copies it applies meanwhile (see Replication._ask)
 ASKED_FOR = 60.0
@@ -121,9 +123,8 @@ class Replication:
         #: goes to its backup again
         self._refill: set[str] = set()
         self._lone_logged = False
-        #: owner -> what we asked it for (NEED) and have not had its PRUNEs for yet: the
-        #: buckets, and the tokens of its copies applied since we asked (see _prune)
-        self._asked: dict[str, tuple[set[int], set[str]]] = {}
+        #: owner -> what we asked it for (NEED) and have not had its PRUNEs for yet
+        self._asked: dict[str, _Asked] = {}
 
     # == owner side ==========================================================================
     def _pick_backup(self, entry: Entry, pairs: list[tuple[str, str]] | None = None) -> str | None:
@@ -513,7 +514,7 @@ class Replication:
         if self._asked:
             asked = self._asked.get(st.owner)
             if asked is not None:
-                asked[1].add(st.token)
+                asked.fresh.add(st.token)
         if cur is None:
             heap.took_copy(len(ctx.store.backups))
         ctx.events.replicated(copy, cur is None)
@@ -660,27 +661,33 @@ class Replication:
 
     async def _compare_digest(self, owner: str, hashes: tuple[int, ...]) -> None:
         ctx = self.ctx
-        ours = await digest(
-            await select(list(ctx.store.backups.values()), lambda e: e.owner == owner, ctx.mono), ctx.mono
-        )
+        copies = await select(list(ctx.store.backups.values()), lambda e: e.owner == owner, ctx.mono)
+        ours = await digest(copies, ctx.mono)
         differ = tuple(i for i, (a, b) in enumerate(zip(ours, hashes, strict=True)) if a != b)
         if differ and owner in ctx.members.members:
-            self._ask(owner, differ)
+            by_bucket: dict[int, list[Entry]] = {b: [] for b in differ}
+            async for e in paced(copies, ctx.mono):
+                if (held := by_bucket.get(bucket_of(e.token))) is not None:
+                    held.append(e)
+            self._ask(owner, by_bucket)
             ctx.outbox.send(ctx.channel(owner), m.Need(differ, listing=True))
 
-    def _ask(self, owner: str, buckets: tuple[int, ...]) -> None:
-        """We ask ``owner`` for ``buckets``. Its PRUNE lists what it held when it read its
-        table, in many slices; a session it made meanwhile is not listed, and its copy
-        may reach us before the PRUNE does: from now until the PRUNE of each bucket, the
-        copies we apply of ``owner``'s are kept whatever the PRUNE says (ASKED_FOR
-        seconds at most, should a PRUNE never come)."""
+    def _ask(self, owner: str, by_bucket: dict[int, list[Entry]]) -> None:
+        """We ask ``owner`` for the buckets of ``by_bucket`` (our copies of its sessions in
+        each). Its PRUNE lists what it held when it read its table, in many slices; a
+        session it made meanwhile is not listed, and its copy may reach us before the
+        PRUNE does: from now until the PRUNE of each bucket, the copies we apply of
+        ``owner``'s are kept whatever the PRUNE says (ASKED_FOR seconds at most, should a
+        PRUNE never come). Each PRUNE is checked against our copies in its own buckets
+        only, not all of them: a listing of 200,000 sessions comes in twenty parts."""
         asked = self._asked.get(owner)
         if asked is None:
-            asked = self._asked[owner] = (set(), set())
+            asked = self._asked[owner] = _Asked()
             asyncio.get_running_loop().call_later(ASKED_FOR, self._asked_expired, owner, asked)
-        asked[0].update(buckets)
+        for b, held in by_bucket.items():
+            asked.copies.setdefault(b, []).extend(held)
 
-    def _asked_expired(self, owner: str, asked: tuple[set[int], set[str]]) -> None:
+    def _asked_expired(self, owner: str, asked: _Asked) -> None:
         if self._asked.get(owner) is asked:
             del self._asked[owner]
 
@@ -758,7 +765,12 @@ class Replication:
         # PRUNE may be applied before the pass is done, and must not be judged by it.
         # (entries, not items(): 200,000 (token, copy) tuples alive across the slices
         # were what set off full collections during a resync; a copy's token is fixed)
-        held = list(self.ctx.store.backups.values())
+        # Those of the PRUNE's buckets when we asked for them (applied since: kept).
+        asked = self._asked.get(member.name)
+        if asked is not None and all(b in asked.copies for b in body.buckets):
+            held = [e for b in body.buckets for e in asked.copies.pop(b)]
+        else:
+            held = list(self.ctx.store.backups.values())
         self.ctx.spawn(self._prune(member.name, body, held), "clustersess-resync")
 
     async def _prune(self, owner: str, body: m.Prune, held: list[Entry]) -> None:
@@ -772,9 +784,10 @@ class Replication:
         fresh: set[str] = set()
         asked = self._asked.get(owner)
         if asked is not None:
-            fresh = asked[1]
-            asked[0].difference_update(buckets)
-            if not asked[0]:
+            fresh = asked.fresh
+            for b in buckets:
+                asked.copies.pop(b, None)
+            if not asked.copies:
                 del self._asked[owner]
         def stale_copy(e: Entry) -> bool:
             return e.owner == owner and e.token not in keep and e.token not in fresh and bucket_of(e.token) in buckets
@@ -797,6 +810,17 @@ class Replication:
         want = [tokens[i] for i in await select(range(len(tokens)), lacking, ctx.mono)]
         if want and owner in ctx.members.members:
             send_items(ctx, ctx.channel(owner), m.Want, want)
+
+
+class _Asked:
+    """A NEED we sent and whose PRUNEs have not all come: per bucket, our copies of the
+    owner's sessions when we asked; and the copies of its applied since."""
+
+    __slots__ = ("copies", "fresh")
+
+    def __init__(self) -> None:
+        self.copies: dict[int, list[Entry]] = {}
+        self.fresh: set[str] = set()
 
 
 async def _prune_of(buckets: list[int], entries: list[Entry], listing: bool, clock: Callable[[], float]) -> m.Prune:
