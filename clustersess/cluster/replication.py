@@ -789,6 +789,7 @@ class Replication:
                 asked.copies.pop(b, None)
             if not asked.copies:
                 del self._asked[owner]
+
         def stale_copy(e: Entry) -> bool:
             return e.owner == owner and e.token not in keep and e.token not in fresh and bucket_of(e.token) in buckets
 
