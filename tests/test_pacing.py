@@ -70,15 +70,15 @@ async def test_passes_with_different_clocks_never_wait_longer_than_a_slice() -> 
 
 
 async def test_a_rate_spreads_a_pass_and_saves_no_credit_from_slow_spells() -> None:
-    rate = pacing.Rate(10_000)
+    rate = pacing.Rate(1_000)
     started = time.monotonic()
-    for _ in range(10):
-        await rate.spend(100)  # 1,000 items at 10,000 a second: 0.1 s at least
+    for _ in range(5):
+        await rate.spend(20)  # 100 items at 1,000 a second: 0.1 s at least
     took = time.monotonic() - started
-    assert 0.09 <= took < 0.5, took
-    await asyncio.sleep(0.2)  # a slow spell: 100 items took 0.2 s, no wait for them...
+    assert 0.09 <= took < 2.0, took
+    await asyncio.sleep(0.3)  # a slow spell: 100 items took 0.3 s, no wait for them...
     started = time.monotonic()
     await rate.spend(100)
-    assert time.monotonic() - started < 0.005
+    assert time.monotonic() - started < 0.05
     await rate.spend(100)  # ...and none saved for the next ones
-    assert time.monotonic() - started >= 0.009
+    assert time.monotonic() - started >= 0.09
