@@ -28,7 +28,8 @@ def test_demo_with_workers_uses_the_supervisor_and_lb_config() -> None:
         missing("haproxy", install="on Debian: apt-get install -y haproxy")
     for _attempt in range(3):
         # (free when _free_base looked; another process may take one before the demo
-        # binds it, which the demo reports as "in use": then another base)
+        # checks it, which the demo reports as "in use", or before a worker binds it,
+        # which uvicorn reports as "address already in use": then another base)
         base = _free_base(4)
         cmd = [sys.executable, "-m", "clustersess.cli", "demo", "--nodes", "2", "--workers", "2", "--lb", "haproxy",
                "--port-base", str(base)]  # fmt: skip
@@ -48,7 +49,7 @@ def test_demo_with_workers_uses_the_supervisor_and_lb_config() -> None:
 
         threading.Thread(target=read, daemon=True).start()
         ready.wait(60)
-        if proc.poll() is not None and "are in use" in "".join(lines):
+        if proc.poll() is not None and ("are in use" in "".join(lines) or "address already in use" in "".join(lines)):
             proc.wait()
             continue
         break
