@@ -600,8 +600,10 @@ async def test_a_copy_that_arrives_between_the_owners_listing_and_its_prune_stay
     pruned: list[str] = []
     prune = replication.Replication._prune
 
-    async def prune_then_note(self: replication.Replication, owner: str, body: m.Prune, held: list[Entry]) -> None:
-        await prune(self, owner, body, held)
+    async def prune_then_note(
+        self: replication.Replication, owner: str, body: m.Prune, held: list[Entry], fresh: set[str]
+    ) -> None:
+        await prune(self, owner, body, held, fresh)
         pruned.append(owner)
 
     monkeypatch.setattr(replication, "_prune_of", listing_then_a_new_session)

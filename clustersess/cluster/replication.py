@@ -665,11 +665,7 @@ class Replication:
         ours = await digest(copies, ctx.mono)
         differ = tuple(i for i, (a, b) in enumerate(zip(ours, hashes, strict=True)) if a != b)
         if differ and owner in ctx.members.members:
-            by_bucket: dict[int, list[Entry]] = {b: [] for b in differ}
-            async for e in paced(copies, ctx.mono):
-                if (held := by_bucket.get(bucket_of(e.token))) is not None:
-                    held.append(e)
-            self._ask(owner, by_bucket)
+            self._ask(owner, await _by_bucket(copies, differ, ctx.mono))
             ctx.outbox.send(ctx.channel(owner), m.Need(differ, listing=True))
 
     def _ask(self, owner: str, by_bucket: dict[int, list[Entry]]) -> None:
@@ -716,9 +712,7 @@ class Replication:
         # may carry, the asker dropped it as malformed, saw a gap, and asked again.
         # (in slices: grouping and listing 110,000 sessions in one piece stalled the
         # loop for 100 ms in a rebalance, whose digest caught every bucket differing)
-        by_bucket: dict[int, list[Entry]] = {b: [] for b in sorted(wanted)}
-        async for e in paced(entries, ctx.mono):
-            by_bucket[bucket_of(e.token)].append(e)
+        by_bucket = await _by_bucket(entries, sorted(wanted), ctx.mono)
         resend: list[Entry] = [] if listing else entries
         group: list[int] = []
         listed: list[Entry] = []
@@ -765,30 +759,30 @@ class Replication:
         # PRUNE may be applied before the pass is done, and must not be judged by it.
         # (entries, not items(): 200,000 (token, copy) tuples alive across the slices
         # were what set off full collections during a resync; a copy's token is fixed)
-        # Those of the PRUNE's buckets when we asked for them (applied since: kept).
+        # Those of the PRUNE's buckets when we asked for them; the copies applied since
+        # we asked are newer than the owner's listing, and stay (``fresh``).
+        fresh: set[str] = set()
         asked = self._asked.get(member.name)
         if asked is not None and all(b in asked.copies for b in body.buckets):
-            held = [e for b in body.buckets for e in asked.copies.pop(b)]
+            held = [e for b in body.buckets for e in asked.copies[b]]
         else:
             held = list(self.ctx.store.backups.values())
-        self.ctx.spawn(self._prune(member.name, body, held), "clustersess-resync")
+        if asked is not None:
+            fresh = asked.fresh
+            for b in body.buckets:
+                asked.copies.pop(b, None)
+            if not asked.copies:
+                del self._asked[member.name]
+        self.ctx.spawn(self._prune(member.name, body, held, fresh), "clustersess-resync")
 
-    async def _prune(self, owner: str, body: m.Prune, held: list[Entry]) -> None:
+    async def _prune(self, owner: str, body: m.Prune, held: list[Entry], fresh: set[str]) -> None:
         """Drop the copies in ``held`` of ``owner``'s sessions in the PRUNE's buckets that
-        it does not list, in slices. A copy applied meanwhile is a new object, and stays.
-        A listing's sessions that we lack or hold at another state, we ask for (WANT)."""
+        it does not list, in slices, except those in ``fresh`` (applied since we asked). A
+        copy applied meanwhile is a new object, and stays. A listing's sessions that we
+        lack or hold at another state, we ask for (WANT)."""
         ctx = self.ctx
         backups = ctx.store.backups
         buckets, keep = set(body.buckets), set(body.tokens)
-        # Copies applied since we asked are newer than the owner's listing, and stay.
-        fresh: set[str] = set()
-        asked = self._asked.get(owner)
-        if asked is not None:
-            fresh = asked.fresh
-            for b in buckets:
-                asked.copies.pop(b, None)
-            if not asked.copies:
-                del self._asked[owner]
 
         def stale_copy(e: Entry) -> bool:
             return e.owner == owner and e.token not in keep and e.token not in fresh and bucket_of(e.token) in buckets
@@ -811,6 +805,17 @@ class Replication:
         want = [tokens[i] for i in await select(range(len(tokens)), lacking, ctx.mono)]
         if want and owner in ctx.members.members:
             send_items(ctx, ctx.channel(owner), m.Want, want)
+
+
+async def _by_bucket(
+    entries: list[Entry], buckets: Iterable[int], clock: Callable[[], float]
+) -> dict[int, list[Entry]]:
+    """``entries`` in ``buckets``, grouped by bucket (the others left out), in slices."""
+    out: dict[int, list[Entry]] = {b: [] for b in buckets}
+    async for e in paced(entries, clock):
+        if (group := out.get(bucket_of(e.token))) is not None:
+            group.append(e)
+    return out
 
 
 class _Asked:
