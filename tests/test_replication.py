@@ -575,6 +575,67 @@ async def test_a_resync_whose_every_bucket_differs_sends_only_what_the_backup_la
     assert n2.stats.messages_dropped_malformed == 0 and n1.stats.handler_errors == 0
 
 
+def sent_by(cluster: Cluster, node: SessionManager, since: int) -> list[tuple[str, m.Body]]:
+    """(channel, body) of the messages ``node`` published after ``since`` messages on the bus."""
+    codec = node.cluster.ctx.codec  # type: ignore[union-attr]
+    return [
+        (ch, env.body) for ch, data in cluster.bus.published[since:] if (env := codec.decode(ch, data)).src == node.node
+    ]
+
+
+async def test_a_resync_during_a_rebalance_is_answered_once_the_moves_settle(cluster: Cluster) -> None:
+    """While a rebalance moves sessions away from a backup, it keeps their copies until
+    the DROPs come; a digest taken then differs in every bucket, and the NEED that
+    follows lists and checks every session it backs up, in the middle of the rebalance
+    (at 200,000 sessions, 110,000 listed and a burst of slow requests). The owner waits
+    until nothing moves away from the asker, then takes the digest: nothing differs."""
+    n1, n2 = await cluster.start("n1", "n2")
+    cookies = [await write(n1, None, i=i) for i in range(300)]
+    await delivered()
+    tokens = [token_of(n1, c) for c in cookies]
+    assert set(tokens) <= set(n2.store.backups)
+    await asyncio.sleep(1.0)  # (a resync interval after the answer to n2's join)
+    since = len(cluster.bus.published)
+    joining = asyncio.create_task(cluster.add("n3"))
+    owned = n1.store.owned
+    await eventually(lambda: any(e.backup == "n3" for e in owned.values()), what="the rebalance under way")
+    ctx = n2.cluster.ctx  # type: ignore[union-attr]
+    ctx.outbox.send(ctx.ch_all, m.Resync(0.0))  # n2 asks meanwhile (it reconnected, say)
+    await joining
+    moving = {t for t in tokens if pick_backup(t, ["n2", "n3"]) == "n3"}
+    assert len(moving) > 50
+    await eventually(lambda: not moving & set(n2.store.backups), what="the moved copies dropped")
+    await eventually(
+        lambda: any(isinstance(b, m.Digest) and ch.endswith(":n2") for ch, b in sent_by(cluster, n1, since)),
+        what="the digest",
+    )
+    await asyncio.sleep(0.2)  # (time for a NEED, had the digest differed)
+    by_n1 = sent_by(cluster, n1, since)
+    drops = [i for i, (ch, b) in enumerate(by_n1) if isinstance(b, m.Drop) and ch.endswith(":n2")]
+    digest = next(i for i, (ch, b) in enumerate(by_n1) if isinstance(b, m.Digest) and ch.endswith(":n2"))
+    assert drops and digest > max(drops)  # taken after the last DROP left
+    assert [b for _, b in sent_by(cluster, n2, since) if isinstance(b, m.Need)] == []
+    assert set(n2.store.backups) >= set(tokens) - moving
+
+
+async def test_a_resync_answer_waits_for_moves_only_so_long(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions that never stop moving (a new backup that never answers) delay the
+    answer by SETTLE_FOR at most: a backup that missed writes gets them all the same."""
+    from clustersess.cluster import replication
+
+    n1, n2 = await cluster.start("n1", "n2")
+    cookie = await write(n1, None, i=0)
+    await delivered()
+    token = token_of(n1, cookie)
+    n2.store.backups.pop(token)  # a copy it lost
+    monkeypatch.setattr(replication, "SETTLE_FOR", 0.3)
+    monkeypatch.setattr(replication.Replication, "_moving_away", lambda self, name: True)
+    started = time.monotonic()
+    await n2.cluster._on_connect(False)  # type: ignore[union-attr]
+    await eventually(lambda: token in n2.store.backups, what="the lost copy sent again")
+    assert 0.3 <= time.monotonic() - started < 2.0
+
+
 async def test_a_copy_that_arrives_between_the_owners_listing_and_its_prune_stays(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:

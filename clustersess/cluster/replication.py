@@ -41,6 +41,9 @@ PRUNE_TOKENS = 10_000
 #: the longest a backup waits for the PRUNEs that answer its NEED (seconds), keeping the
 #: copies it applies meanwhile (see Replication._ask)
 ASKED_FOR = 60.0
+#: the longest a resync's answer waits for sessions to stop moving away from the asker
+#: (seconds; see Replication._answer_resync)
+SETTLE_FOR = 30.0
 
 
 def send_items(ctx: ClusterContext, channel: str, kind: Callable[[tuple[Any, ...]], m.Body], items: list[Any]) -> None:
@@ -119,6 +122,9 @@ class Replication:
         #: covers until now, however long it waited (a rejoin while Redis refuses writes)
         self._resync_from: float | None = None
         self._rebalance_due = asyncio.Event()
+        #: rebalance passes started so far, and whether one runs now
+        self._passes = 0
+        self._rebalancing = False
         #: members whose copies were lost (they restarted): every session they backed up
         #: goes to its backup again
         self._refill: set[str] = set()
@@ -303,21 +309,62 @@ class Replication:
             refill, self._refill = self._refill, set()
             owned = ctx.store.owned
             self._resent_from = {t: old for t, old in self._resent_from.items() if t in owned}
-            slicer = Slicer(ctx.mono)
-            rate = Rate(BULK_RATE)
-            moved = 0
-            pairs = ctx.members.candidate_pairs()  # (read again after every pause)
-            for entry in list(owned.values()):
-                if owned.get(entry.token) is entry and entry.version > 0:
-                    backup = ctx.members.backup_for(entry.token, pairs=pairs)
-                    if backup != entry.backup or backup in refill:
-                        self.resend(entry, pairs, to=backup)
-                        moved += 1
-                if slicer.due():
-                    await slicer.pause()
-                    await rate.spend(moved)
-                    moved = 0
-                    pairs = ctx.members.candidate_pairs()
+            self._passes += 1
+            self._rebalancing = True
+            try:
+                await self._rebalance(refill)
+            finally:
+                self._rebalancing = False
+
+    async def _rebalance(self, refill: set[str]) -> None:
+        ctx = self.ctx
+        owned = ctx.store.owned
+        slicer = Slicer(ctx.mono)
+        rate = Rate(BULK_RATE)
+        moved = 0
+        pairs = ctx.members.candidate_pairs()  # (read again after every pause)
+        for entry in list(owned.values()):
+            if owned.get(entry.token) is entry and entry.version > 0:
+                backup = ctx.members.backup_for(entry.token, pairs=pairs)
+                if backup != entry.backup or backup in refill:
+                    self.resend(entry, pairs, to=backup)
+                    moved += 1
+            if slicer.due():
+                await slicer.pause()
+                await rate.spend(moved)
+                moved = 0
+                pairs = ctx.members.candidate_pairs()
+
+    def _moving_away(self, name: str) -> bool:
+        """Whether sessions are leaving ``name`` as their backup: a rebalance pass runs or
+        is due, or their new backups have not answered yet, or ``name``'s DROPs are not
+        all published. (Once published, they reach it before anything we send later.)"""
+        ctx = self.ctx
+        return (
+            self._rebalancing
+            or self._rebalance_due.is_set()
+            or name in self._drops
+            or ctx.trickle.pending_on(ctx.channel(name), m.Drop)
+            or name in self._moved.values()
+            or name in self._resent_from.values()
+        )
+
+    async def _digest_for(self, name: str) -> m.Digest:
+        """The digest of our sessions that ``name`` backs up, taken when none are moving
+        away from it (SETTLE_FOR seconds at most). While a rebalance moves half of them
+        to a new member, ``name`` still holds those copies until their DROPs come: a
+        digest taken then differed in all 64 buckets, and its NEED listed and checked
+        every session it backs up, in the middle of the rebalance."""
+        ctx = self.ctx
+        deadline = ctx.mono() + SETTLE_FOR
+        while True:
+            while self._moving_away(name) and ctx.mono() < deadline:
+                await asyncio.sleep(ctx.timing.heartbeat / 5)
+            passes = self._passes
+            mine = await select(list(ctx.store.owned.values()), lambda e: e.backup == name and e.version > 0, ctx.mono)
+            hashes = tuple(await digest(mine, ctx.mono))
+            if (passes == self._passes and not self._rebalancing) or ctx.mono() >= deadline:
+                return m.Digest(hashes)
 
     def resend(self, entry: Entry, pairs: list[tuple[str, str]] | None = None, *, to: str | None = None) -> None:
         """Queue an owned session for its backup again, in the background: a pass's
@@ -639,8 +686,7 @@ class Replication:
         if name not in ctx.members.members:
             return
         ctx.stats.resyncs += 1
-        mine = await select(list(ctx.store.owned.values()), lambda e: e.backup == name and e.version > 0, ctx.mono)
-        ctx.outbox.send(ctx.channel(name), m.Digest(tuple(await digest(mine, ctx.mono))))
+        ctx.outbox.send(ctx.channel(name), await self._digest_for(name))
         margin = ctx.timing.access_every + ctx.timing.heartbeat
         await self.send_accesses(ctx.wall() - since - margin, name)
         # Logouts of the gap's length, with what is left of their lifetime.

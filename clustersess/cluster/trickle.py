@@ -78,6 +78,11 @@ class Trickle:
         """Items queued and not sent yet."""
         return sum(len(q) for q, _ in self._queues.values())
 
+    def pending_on(self, channel: str, kind: Callable[[tuple[Any, ...]], m.Body]) -> bool:
+        """Whether ``kind`` items for ``channel`` are queued and not sent yet."""
+        queue = self._queues.get((channel, kind))
+        return queue is not None and bool(queue[0])
+
     def _turn_after(self, turn: int) -> None:
         if turn == self._turns:
             self._turn()
