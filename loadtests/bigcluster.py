@@ -293,12 +293,16 @@ class Cluster:
         return [n for n, p in self.nodes.items() if p.running]
 
     async def settled(self, names: list[str] | None = None) -> bool:
-        """Every node connected, nothing waiting for an ack, all members seen."""
+        """Every node connected, no rebalance running, nothing waiting for an ack, all
+        members seen. (Acks alone are not enough: between a rebalance's slices, all of
+        them can be in, and a rebalance taken for settled at 40,000 of its 110,000
+        sessions ran on into the sweep.)"""
         names = names or self.live()
         for name in names:
             st = await self.status(name)
             others = [m for m in st["members"] if not m.get("self")]
-            if not st.get("connected") or st.get("pending_replication", 0) or len(others) != len(names) - 1:
+            busy = st.get("pending_replication", 0) or st.get("rebalancing")
+            if not st.get("connected") or busy or len(others) != len(names) - 1:
                 return False
         return True
 

@@ -487,6 +487,8 @@ class FaultCluster:
             pending = info.get("pending_replication")
             if pending != 0:
                 return False, f"{node.name}: pending_replication={pending}"
+            if info.get("rebalancing"):
+                return False, f"{node.name}: rebalancing"
             seen = fresh_members(info, self.drop_time)
             if seen != names - {node.name}:
                 return False, f"{node.name} sees {sorted(seen)}"

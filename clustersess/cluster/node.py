@@ -671,6 +671,7 @@ class ClusterNode:
             "echo_age": None if echo is None else round(now - echo, 3),
             "clock_skew_warning": skewed,
             "pending_replication": self.pending_replication(),
+            "rebalancing": self.replication.rebalancing,
             "unconfirmed": len(self.ownership.unconfirmed),
             "tasks": {name: info.as_dict() for name, info in self.tasks.items()},
         }

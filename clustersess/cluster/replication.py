@@ -335,14 +335,18 @@ class Replication:
                 moved = 0
                 pairs = ctx.members.candidate_pairs()
 
+    @property
+    def rebalancing(self) -> bool:
+        """A rebalance pass runs or is due."""
+        return self._rebalancing or self._rebalance_due.is_set()
+
     def _moving_away(self, name: str) -> bool:
         """Whether sessions are leaving ``name`` as their backup: a rebalance pass runs or
         is due, or their new backups have not answered yet, or ``name``'s DROPs are not
         all published. (Once published, they reach it before anything we send later.)"""
         ctx = self.ctx
         return (
-            self._rebalancing
-            or self._rebalance_due.is_set()
+            self.rebalancing
             or name in self._drops
             or ctx.trickle.pending_on(ctx.channel(name), m.Drop)
             or name in self._moved.values()
