@@ -89,6 +89,21 @@ async def test_unanswered_resends_hold_the_window_until_a_later_answer_shows_the
     assert len(resent) > n and all(refusal is None for _, refusal in resent)
 
 
+async def test_resending_lasts_from_the_queue_to_the_last_answer() -> None:
+    """What a resync's answer waits on while a pass moves sessions (replication.py)."""
+    box, _, store = make()
+    assert not box.resending()
+    for e in owned(store, 3):
+        box.resend(CHANNEL, e)
+    assert box.resending()  # queued
+    await box.flush()
+    seqs = background_seqs(box)
+    assert seqs and not box._background and box.resending()  # sent, not answered
+    for seq in seqs:
+        box.acked(CHANNEL, m.Ack(seq))
+    assert not box.resending()
+
+
 async def test_a_last_resort_release_frees_a_lane_nobody_answers() -> None:
     box, _, store = make()
     for e in owned(store, 100):

@@ -310,6 +310,10 @@ class Outbox:
         for key in [k for k, w in self._acks.items() if w.sent < cutoff]:
             self._fail(key, TimeoutError())
 
+    def resending(self) -> bool:
+        """Background resends are queued, or sent and not answered yet."""
+        return bool(self._background) or self._background_bytes > 0
+
     def pending(self) -> int:
         """Sessions whose latest version is not yet acknowledged by a backup."""
         waiting = sum(len(w.versions) for w in self._acks.values())

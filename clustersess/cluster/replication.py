@@ -341,16 +341,18 @@ class Replication:
         return self._rebalancing or self._rebalance_due.is_set()
 
     def _moving_away(self, name: str) -> bool:
-        """Whether sessions are leaving ``name`` as their backup: a rebalance pass runs or
-        is due, or their new backups have not answered yet, or ``name``'s DROPs are not
-        all published. (Once published, they reach it before anything we send later.)"""
+        """Whether sessions may be leaving ``name`` as their backup: a rebalance pass runs
+        or is due, resends (a pass's moves) or a write's move to a new backup are not
+        answered yet, or ``name``'s DROPs are not all published (once published, they
+        reach it before anything we send later). (Not ``_resent_from``: a resend skipped
+        because its session was given away meanwhile stays there until the next pass.)"""
         ctx = self.ctx
         return (
             self.rebalancing
+            or ctx.outbox.resending()
             or name in self._drops
             or ctx.trickle.pending_on(ctx.channel(name), m.Drop)
             or name in self._moved.values()
-            or name in self._resent_from.values()
         )
 
     async def _digest_for(self, name: str) -> m.Digest:
