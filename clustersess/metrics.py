@@ -24,7 +24,7 @@ What is exported (all names start with ``clustersess_``):
   REPLICATE to its ack);
 * gauges from :meth:`SessionManager.status`: ``sessions_owned``, ``sessions_backed_up``,
   ``tombstones``, ``pending_replication``, ``members{state}``, ``zones``,
-  ``redis_connected``, ``lease_remaining_seconds``, ``gc_frozen_objects``, ``healthy``
+  ``redis_connected``, ``rebalancing``, ``lease_remaining_seconds``, ``gc_frozen_objects``, ``healthy``
   (:meth:`SessionManager.health`), and ``node_info{node, zone, incarnation, replication}``.
 
 Several workers on one machine: in the fast layout (``clustersess node --workers N``) each
@@ -165,6 +165,7 @@ def snapshot(manager: SessionManager) -> Snapshot:
     }
     if clustered:
         gauges["redis_connected"] = 1.0 if connected else 0.0
+        gauges["rebalancing"] = 1.0 if status.get("rebalancing") else 0.0
         if isinstance(status.get("lease_remaining"), (int, float)):
             gauges["lease_remaining_seconds"] = float(status["lease_remaining"])
     info = {
@@ -186,6 +187,7 @@ _GAUGE_HELP = {
     "healthy": "1 while manager.health() is ok (a clustered node: not fenced, joining or stopping)",
     "lease_remaining_seconds": "Seconds left on this node's name lease in Redis",
     "redis_connected": "1 while connected to Redis",
+    "rebalancing": "1 while a rebalance pass runs or is due (backups moving after a membership change)",
 }
 
 

@@ -82,6 +82,7 @@ async def test_every_stats_counter_and_the_gauges_are_exported(cluster: Cluster)
     assert value(families, "clustersess_members", state="up") == 2
     assert value(families, "clustersess_zones") == 1  # both in z1: no backup can leave it
     assert value(families, "clustersess_redis_connected") == 1 and value(families, "clustersess_healthy") == 1
+    assert value(families, "clustersess_rebalancing") == 0  # (settled: nothing moving)
     assert value(families, "clustersess_node_info", node="n1", zone="z1", replication="sync") == 1
     # The ack latency: one observation per acked REPLICATE, cumulative buckets, +Inf = count.
     hist = families["clustersess_ack_latency_seconds"]
