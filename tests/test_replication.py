@@ -618,6 +618,39 @@ async def test_a_resync_during_a_rebalance_is_answered_once_the_moves_settle(clu
     assert set(n2.store.backups) >= set(tokens) - moving
 
 
+async def test_a_resync_answer_that_waited_still_covers_the_whole_gap(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer sends again the access times and logouts of the gap's length. When it
+    waits for moves to settle (up to SETTLE_FOR), the gap runs until the answer: counted
+    from the request instead, a wait longer than the margin left out what was used or
+    logged out during the gap."""
+    from clustersess.cluster import replication
+
+    n1, n2 = await cluster.start("n1", "n2")
+    await asyncio.sleep(1.1)  # (a resync interval after the answer to n2's join)
+    windows: list[float] = []
+    send_accesses = replication.Replication.send_accesses
+
+    async def noted(self: replication.Replication, since: float, only: str | None = None) -> int:
+        if only == "n2":
+            windows.append(since)
+        return await send_accesses(self, since, only)
+
+    settled = asyncio.Event()
+    monkeypatch.setattr(replication.Replication, "send_accesses", noted)
+    monkeypatch.setattr(replication.Replication, "_moving_away", lambda self, name: not settled.is_set())
+    ctx = n2.cluster.ctx  # type: ignore[union-attr]
+    ctx.outbox.send(ctx.ch_all, m.Resync(2.0))  # a gap of 2 s just ended
+    await asyncio.sleep(0.5)
+    assert windows == []  # waiting for the moves
+    settled.set()
+    await eventually(lambda: windows, what="the answer")
+    timing = n1.cluster.ctx.timing  # type: ignore[union-attr]
+    margin = timing.access_every + timing.heartbeat
+    assert windows == [pytest.approx(cluster.clock.time() - 2.5 - margin, abs=0.4)]
+
+
 async def test_status_tells_whether_a_rebalance_runs(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """Between a rebalance's slices every resend may be acknowledged: ``pending_replication``
     alone took a rebalance at 40,000 of its 110,000 sessions for settled."""

@@ -115,6 +115,7 @@ class Replication:
         self._resent_from: dict[str, str] = {}
         #: asker -> when we last answered its resync; askers waiting for the next answer
         self._resync_at: dict[str, float] = {}
+        #: (each asker's earliest gap start, on our monotonic clock: an answer may wait)
         self._resync_waiting: dict[str, float] = {}
         self._last_resync_request = float("-inf")
         self._resync_due = False
@@ -675,10 +676,13 @@ class Replication:
         body = env.body
         assert isinstance(body, m.Resync)
         name = member.name
+        # When the gap started, on our clock: the answer may come many seconds later (it
+        # waits for a rebalance to settle), and must still cover the whole gap.
+        start = self.ctx.mono() - body.since
         if name in self._resync_waiting:
-            self._resync_waiting[name] = max(self._resync_waiting[name], body.since)
+            self._resync_waiting[name] = min(self._resync_waiting[name], start)
             return
-        self._resync_waiting[name] = body.since
+        self._resync_waiting[name] = start
         self.ctx.spawn(self._answer_resync(name), "clustersess-resync")
 
     async def _answer_resync(self, name: str) -> None:
@@ -687,12 +691,15 @@ class Replication:
         wait = self._resync_at.get(name, float("-inf")) + ctx.timing.resync_interval - ctx.mono()
         if wait > 0:
             await asyncio.sleep(wait)
-        since = self._resync_waiting.pop(name, 0.0)
+        digest = await self._digest_for(name) if name in ctx.members.members else None
+        # (requests that came while the digest waited and was taken are answered by it;
+        # the gap it covers runs until now)
+        since = ctx.mono() - self._resync_waiting.pop(name, ctx.mono())
         self._resync_at[name] = ctx.mono()
-        if name not in ctx.members.members:
+        if digest is None or name not in ctx.members.members:
             return
         ctx.stats.resyncs += 1
-        ctx.outbox.send(ctx.channel(name), await self._digest_for(name))
+        ctx.outbox.send(ctx.channel(name), digest)
         margin = ctx.timing.access_every + ctx.timing.heartbeat
         await self.send_accesses(ctx.wall() - since - margin, name)
         # Logouts of the gap's length, with what is left of their lifetime.
