@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec, heap, ids, tasks, versions
@@ -237,15 +238,9 @@ class SessionManager:
         # and their last references going at once (the pass's lists) is another 4 ms per
         # 25,000 copies.
         slicer = Slicer(self.clock.monotonic)
-        notify_copies = bool(copies) and self.config.notify_listeners_on_replication
-        for entries, replicated, notify in ((expired, False, True), (copies, True, notify_copies)):
-            entries.reverse()
-            while entries:
-                entry = entries.pop()
-                if notify:
-                    self._destroyed(entry, "expired", replicated=replicated)
-                if slicer.due():
-                    await slicer.pause()
+        for _ in self._expired(expired, copies):
+            if slicer.due():
+                await slicer.pause()
         if self._heap is not None:
             self._heap.after_sweep(len(self.store.owned) + len(self.store.backups))
 
@@ -255,14 +250,20 @@ class SessionManager:
         Expiry needs no cluster-wide tombstone: idle times travel as durations, so every
         copy of a session expires by itself, and none can come back.
         """
-        self._expired(*self.store.sweep(self.clock.time(), self.config.max_inactive))
+        for _ in self._expired(*self.store.sweep(self.clock.time(), self.config.max_inactive)):
+            pass
 
-    def _expired(self, expired: list[Entry], copies: list[Entry]) -> None:
-        for entry in expired:
-            self._destroyed(entry, "expired")
-        if copies and self.config.notify_listeners_on_replication:
-            for copy in copies:
-                self._destroyed(copy, "expired", replicated=True)
+    def _expired(self, expired: list[Entry], copies: list[Entry]) -> Iterator[None]:
+        """Tell of each expired session (and copy, if listeners hear of copies), emptying
+        the lists as it goes; yields after each (where a pass may give the loop back)."""
+        notify_copies = self.config.notify_listeners_on_replication
+        for entries, replicated, notify in ((expired, False, True), (copies, True, notify_copies)):
+            entries.reverse()
+            while entries:
+                entry = entries.pop()
+                if notify:
+                    self._destroyed(entry, "expired", replicated=replicated)
+                yield
 
     def health(self) -> Health:
         """Readiness for a load balancer: ``ok`` while this node may take traffic.
